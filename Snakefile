@@ -1,0 +1,35 @@
+# pmoe-backdoor: one DAG from dataset download to the paper's tables and figures.
+#   snakemake --cores all                      (a workstation; add --resources gpu=N for N GPUs)
+#   snakemake --profile profiles/slurm         (a SLURM cluster, one GPU per training job)
+#   snakemake --report reports/report.html     (the report, after a run)
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# the paper's study by default; --configfile replaces it (instead of being merged into it)
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+report: "reports/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/poison.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/defense.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

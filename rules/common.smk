@@ -1,0 +1,146 @@
+# Target lists, wildcard constraints and parameter helpers shared by every rule.
+
+import re
+
+
+RESULTS = "results"
+
+
+def fmt_rate(rate):
+    """A poisoning rate (percent) as it appears in paths: 0.1 -> '0.1', 2.0 -> '2'."""
+    return f"{float(rate):g}"
+
+
+def check_config(cfg):
+    """Cross-field checks the JSON schema cannot express; fail before any job starts."""
+    names = {"datasets": cfg["datasets"], "models": cfg["models"], "triggers": cfg["attack"]["triggers"]}
+    for group, entries in names.items():
+        for name in entries:
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name == "clean":
+                raise ValueError(
+                    f"config: {group} name {name!r} must be letters, digits or '_' and not 'clean'"
+                )
+    fp = cfg.get("fine_pruning", {})
+    if fp.get("enabled", False):
+        for key, pool in (("datasets", "datasets"), ("models", "models")):
+            for name in fp[key]:
+                if name not in cfg[pool]:
+                    raise ValueError(f"config: fine_pruning.{key} names {name!r}, which is not in '{pool}'")
+        for trig in fp["triggers"]:
+            if trig not in cfg["attack"]["triggers"]:
+                raise ValueError(f"config: fine_pruning.triggers names {trig!r}, not in attack.triggers")
+        for rate in fp["poison_rates"]:
+            if float(rate) not in [float(r) for r in cfg["attack"]["rates"]]:
+                raise ValueError(f"config: fine_pruning.poison_rates has {rate}, not in attack.rates")
+        for model in fp["models"]:
+            if cfg["models"][model]["arch"] != "pmoe":
+                raise ValueError(f"config: fine_pruning.models names {model!r}: Fine-Pruning needs arch 'pmoe'")
+        if fp["runs"] > cfg["seeds"]["attack"]:
+            raise ValueError(
+                f"config: fine_pruning.runs ({fp['runs']}) exceeds seeds.attack ({cfg['seeds']['attack']})"
+            )
+
+
+check_config(config)
+
+DATASETS = list(config["datasets"])
+MODELS = list(config["models"])
+TRIGGERS = list(config["attack"]["triggers"])
+RATES = [fmt_rate(r) for r in config["attack"]["rates"]]
+ATTACKS = [f"{t}-{r}" for t in TRIGGERS for r in RATES]
+FP = config.get("fine_pruning", {"enabled": False})
+# the Fine-Pruning keys one fine_prune job depends on (the others only choose which jobs exist)
+FP_JOB_KEYS = ("epochs", "lr", "activation_images", "finetune_data", "mask")
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    model="|".join(MODELS),
+    trigger="|".join(TRIGGERS),
+    rate=r"[0-9]+(\.[0-9]+)?",
+    attack=r"clean|[A-Za-z0-9_]+-[0-9]+(\.[0-9]+)?",
+    seed=r"[0-9]+",
+    prune=r"[0-9]+(\.[0-9]+)?",
+
+
+def seeds_for(attack):
+    n = config["seeds"]["clean"] if attack == "clean" else config["seeds"]["attack"]
+    return list(range(n))
+
+
+def run_dirs():
+    """Every (dataset, model, attack, seed) training run as its results directory."""
+    return [
+        f"{RESULTS}/{d}/{m}/{a}/seed{s}"
+        for d in DATASETS
+        for m in MODELS
+        for a in ["clean"] + ATTACKS
+        for s in seeds_for(a)
+    ]
+
+
+def split_attack(attack):
+    trigger, rate = attack.rsplit("-", 1)
+    return trigger, rate
+
+
+def trigger_file(wildcards):
+    if wildcards.attack == "clean":
+        return []
+    trigger, _ = split_attack(wildcards.attack)
+    return f"{RESULTS}/{wildcards.dataset}/triggers/{trigger}/seed{wildcards.seed}.safetensors"
+
+
+def poison_file(wildcards):
+    if wildcards.attack == "clean":
+        return []
+    trigger, rate = split_attack(wildcards.attack)
+    return f"{RESULTS}/{wildcards.dataset}/poison/{trigger}-{rate}/seed{wildcards.seed}.safetensors"
+
+
+def trigger_params(trigger):
+    params = dict(config["attack"]["triggers"][trigger])
+    return params.pop("kind"), params
+
+
+def fine_prune_runs():
+    if not FP.get("enabled", False):
+        return []
+    return [
+        f"{RESULTS}/{d}/{m}/{t}-{fmt_rate(r)}/seed{s}"
+        for d in FP["datasets"]
+        for m in FP["models"]
+        for t in FP["triggers"]
+        for r in FP["poison_rates"]
+        for s in range(FP["runs"])
+    ]
+
+
+def fine_prune_targets():
+    return [
+        f"{run}/fineprune/{fmt_rate(p)}/metrics.json" for run in fine_prune_runs() for p in FP["prune_rates"]
+    ]
+
+
+def prune_sweep_targets():
+    if not FP.get("sweep"):
+        return []
+    return [f"{run}/prune_sweep.json" for run in fine_prune_runs()]
+
+
+def report_targets():
+    targets = [f"{RESULTS}/tables/runs.csv", f"{RESULTS}/figures/asr_ba_vs_rate.png"]
+    targets += [f"{RESULTS}/tables/attacks_{d}.{ext}" for d in DATASETS for ext in ("csv", "md", "tex")]
+    if FP.get("enabled", False):
+        targets += [f"{RESULTS}/tables/fine_pruning.{ext}" for ext in ("csv", "md", "tex")]
+        if FP.get("sweep"):
+            targets.append(f"{RESULTS}/figures/prune_sweep.png")
+    return targets
+
+
+def all_targets():
+    return report_targets()
+
+
+def train_resources():
+    return config["resources"]

@@ -1,0 +1,13 @@
+rule prepare_data:
+    """Download (torchvision), read (npz) or generate (synthetic) a dataset into the canonical npz."""
+    output:
+        f"{RESULTS}/data/{{dataset}}.npz",
+    params:
+        spec=lambda wc: config["datasets"][wc.dataset],
+    log:
+        f"{RESULTS}/logs/prepare_data/{{dataset}}.log",
+    resources:
+        runtime=120,
+        mem_mb=8000,
+    script:
+        "../workflow/scripts/prepare_data.py"

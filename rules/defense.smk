@@ -1,0 +1,48 @@
+rule fine_prune:
+    """Fine-Pruning of one backdoored pmoe at one pruning rate: before, after pruning, after fine-tuning."""
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+        weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
+        poison=poison_file,
+        trigger=trigger_file,
+    output:
+        f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{prune}}/metrics.json",
+    params:
+        fine_pruning={k: FP[k] for k in FP_JOB_KEYS if k in FP},
+        train=config["train"],
+        target=config["attack"]["target"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/fine_prune/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{prune}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/fine_prune/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{prune}}.tsv"
+    threads: config["resources"]["train_threads"]
+    resources:
+        gpu=1,
+        runtime=config["resources"]["train_runtime_min"],
+        mem_mb=config["resources"]["train_mem_mb"],
+    script:
+        "../workflow/scripts/fine_prune.py"
+
+
+rule prune_sweep:
+    """CA and ASR after pruning alone (no fine-tuning) over a range of pruning rates."""
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+        weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
+        poison=poison_file,
+        trigger=trigger_file,
+    output:
+        f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/prune_sweep.json",
+    params:
+        rates=FP.get("sweep", []),
+        fine_pruning={k: FP[k] for k in ("activation_images", "finetune_data") if k in FP},
+        target=config["attack"]["target"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/prune_sweep/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
+    threads: config["resources"]["train_threads"]
+    resources:
+        runtime=30,
+    script:
+        "../workflow/scripts/prune_sweep.py"

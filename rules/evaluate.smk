@@ -1,0 +1,19 @@
+rule evaluate:
+    """BA on the full clean test set, ASR on every non-target test image with the trigger, per-class accuracy."""
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+        weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
+        trigger=trigger_file,
+    output:
+        f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/metrics.json",
+    params:
+        target=config["attack"]["target"],
+        device=config["device"],
+        batch_size=config["evaluation"]["batch_size"],
+    log:
+        f"{RESULTS}/logs/evaluate/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
+    threads: config["resources"]["train_threads"]
+    resources:
+        runtime=30,
+    script:
+        "../workflow/scripts/evaluate.py"

@@ -1,0 +1,25 @@
+rule train_model:
+    """Train one model: one (dataset, model, attack, seed); attack is 'clean' or '{trigger}-{rate}'."""
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+        poison=poison_file,
+        trigger=trigger_file,
+    output:
+        weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
+        history=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/history.json",
+    params:
+        model=lambda wc: config["models"][wc.model],
+        train=config["train"],
+        device=config["device"],
+        probes=config["routing_probes"],
+    log:
+        f"{RESULTS}/logs/train_model/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_model/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.tsv"
+    threads: config["resources"]["train_threads"]
+    resources:
+        gpu=1,
+        runtime=config["resources"]["train_runtime_min"],
+        mem_mb=config["resources"]["train_mem_mb"],
+    script:
+        "../workflow/scripts/train_model.py"

@@ -1,0 +1,274 @@
+"""One function per workflow job, taking plain paths and config blocks.
+
+``workflow/scripts/*.py`` are thin wrappers around these; they can be called (and are tested) without
+Snakemake. Every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+import time
+import traceback
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from .evaluate import evaluate
+from .fineprune import channels_to_prune, expert_channel_means, prune_experts, remove_masks
+from .io import load_tensors, read_json, save_tensors, write_json
+from .models import build_model
+from .poison import PoisonRecord, asr_set, make_poison
+from .train import Probe, TrainConfig, fit, record_routing, resolve_device, seed_everything
+from .triggers import load_trigger, make_trigger
+
+
+def derived_seed(seed: int, tag: str) -> int:
+    """An independent stream per purpose: the same run seed gives unrelated seeds for 'poison', 'warp', ..."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(tag.encode())]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def log_to(path: str | os.PathLike | None) -> Iterator[None]:
+    """Send stdout and stderr of a job to its log file (Snakemake's ``log:``)."""
+    if not path:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        try:
+            yield
+        except BaseException:
+            traceback.print_exc(file=fh)  # the log says why the job failed
+            raise
+
+
+@contextlib.contextmanager
+def claim_device(device: str = "auto", lock_dir: str | os.PathLike = ".gpu_locks") -> Iterator[str]:
+    """Give concurrent jobs distinct GPUs: Snakemake counts ``gpu`` resources but assigns no ids (its
+    issue 281), so each job takes an exclusive lock on one device id and trains there. Without CUDA (or
+    with an explicit device) the device is returned unchanged."""
+    if device != "auto" or not torch.cuda.is_available():
+        yield device
+        return
+    import fcntl
+
+    Path(lock_dir).mkdir(parents=True, exist_ok=True)
+    count = torch.cuda.device_count()
+    while True:
+        for i in range(count):
+            fh = open(Path(lock_dir) / f"cuda{i}.lock", "w")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            try:
+                print(f"claimed cuda:{i} (of {count})")
+                yield f"cuda:{i}"
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
+            return
+        time.sleep(5)  # more jobs than GPUs (e.g. --resources gpu exceeds the real count): wait for one
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+# ----- data -------------------------------------------------------------------------------------------------
+
+def prepare_data(spec: dict[str, Any], out: str) -> None:
+    ds = data_mod.load_source(spec)
+    print(f"prepared {ds.meta.get('source')}: {len(ds.y_train)} train / {len(ds.y_test)} test, "
+          f"{ds.num_classes} classes")
+    ds.save(out)
+
+
+def load_dataset_tensors(path: str) -> tuple[data_mod.Dataset, dict[str, torch.Tensor]]:
+    ds = data_mod.load_npz(path)
+    t = {k: torch.from_numpy(getattr(ds, k)) for k in ("x_train", "y_train", "x_test", "y_test")}
+    return ds, t
+
+
+# ----- attack -----------------------------------------------------------------------------------------------
+
+def make_trigger_file(kind: str, params: dict[str, Any], seed: int, out: str) -> None:
+    trig = make_trigger(kind, params, seed=seed)
+    trig.save(out)
+    print(f"trigger {kind} {trig.params()}")
+
+
+def make_poison_file(data_path: str, trigger_path: str, rate_percent: float, seed: int, target: int,
+                     exclude_target: bool, out: str) -> None:
+    ds = data_mod.load_npz(data_path)
+    if not 0 <= target < ds.num_classes:
+        raise ValueError(f"attack.target {target} is not a class of {data_path} ({ds.num_classes} classes)")
+    rec = make_poison(ds.x_train, ds.y_train, load_trigger(trigger_path), rate_percent,
+                      derived_seed(seed, "poison"), target, exclude_target)
+    rec.save(out)
+    print(f"poisoned {len(rec.indices)} of {len(ds.y_train)} training images ({rate_percent} %), target {target}")
+
+
+# ----- models -----------------------------------------------------------------------------------------------
+
+def model_from_spec(spec: dict[str, Any], num_classes: int) -> torch.nn.Module:
+    spec = dict(spec)
+    arch = spec.pop("arch")
+    return build_model(arch, num_classes, **spec)
+
+
+def save_model(model: torch.nn.Module, spec: dict[str, Any], num_classes: int, path: str,
+               extra: dict[str, Any] | None = None) -> None:
+    state = {k: v for k, v in model.state_dict().items()}
+    save_tensors(path, state, {"model": spec, "num_classes": num_classes, **(extra or {})})
+
+
+def load_model(path: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model from a safetensors file written by :func:`save_model` (no pickle)."""
+    state, meta = load_tensors(path)
+    if "model" not in meta or "num_classes" not in meta:
+        raise ValueError(f"{path}: not a pmoe-backdoor model file (metadata lacks 'model' / 'num_classes')")
+    model = model_from_spec(meta["model"], meta["num_classes"])
+    model.load_state_dict(state)
+    return model.to(device), meta
+
+
+def probe_for(ds: data_mod.Dataset, x_test: torch.Tensor, count: int, trigger=None) -> Probe | None:
+    """The first test image of each of the first ``count`` classes (and its triggered copy for attacks)."""
+    if count <= 0:
+        return None
+    idx, names = [], []
+    for c in range(min(count, ds.num_classes)):
+        hits = np.flatnonzero(ds.y_test == c)
+        if len(hits):
+            idx.append(int(hits[0]))
+            names.append(f"test[{hits[0]}] {ds.classes[c]}")
+    images = x_test[torch.tensor(idx)]
+    if trigger is not None:
+        images = torch.cat([images, trigger.apply(images)])
+        names = names + [f"{n} +{trigger.kind}" for n in names]
+    return Probe(images, names)
+
+
+def train_job(data_path: str, model_spec: dict[str, Any], train_cfg: dict[str, Any], seed: int, out_weights: str,
+              out_history: str, poison_path: str | None = None, trigger_path: str | None = None,
+              device: str = "auto", probes: int = 4) -> None:
+    t_start = time.perf_counter()
+    ds, t = load_dataset_tensors(data_path)
+    x_train, y_train = t["x_train"], t["y_train"]
+    trigger = None
+    if poison_path:
+        rec = PoisonRecord.load(poison_path)
+        x_train, y_train = rec.apply(x_train, y_train)
+        print(f"training set poisoned at {len(rec.indices)} indices, target {rec.target}")
+    if trigger_path:
+        trigger = load_trigger(trigger_path)
+    cfg = TrainConfig.from_dict(dict(train_cfg, seed=derived_seed(seed, "shuffle")))
+    seed_everything(derived_seed(seed, "init"))
+    model = model_from_spec(model_spec, ds.num_classes)
+    dev = resolve_device(device)
+    print(f"device {dev}, threads {torch.get_num_threads()}, start-up {time.perf_counter() - t_start:.1f} s")
+    history = fit(model, x_train, y_train, cfg, t["x_test"], t["y_test"],
+                  probe=probe_for(ds, t["x_test"], probes, trigger), device=dev, log=sys.stderr)
+    history["seed"] = seed
+    history["wall_seconds"] = time.perf_counter() - t_start
+    save_model(model, model_spec, ds.num_classes, out_weights, {"seed": seed})
+    write_json(out_history, history)
+
+
+def evaluate_job(data_path: str, weights: str, out: str, trigger_path: str | None = None, target: int = 0,
+                 batch_size: int = 1000, device: str = "auto", info: dict[str, Any] | None = None) -> dict:
+    ds, t = load_dataset_tensors(data_path)
+    dev = resolve_device(device)
+    model, meta = load_model(weights, dev)
+    x_asr = asr_set(t["x_test"], t["y_test"], load_trigger(trigger_path), target)[0] if trigger_path else None
+    metrics = evaluate(model, t["x_test"], t["y_test"], x_asr, target, ds.num_classes, batch_size, device=dev)
+    metrics = {**(info or {}), **metrics, "classes": [str(c) for c in ds.classes]}
+    write_json(out, metrics)
+    print({k: metrics[k] for k in ("ba", "asr") if k in metrics})
+    return metrics
+
+
+# ----- defenses ---------------------------------------------------------------------------------------------
+
+def fine_prune_job(data_path: str, weights: str, poison_path: str, trigger_path: str, out: str,
+                   prune_rate: float, fp_cfg: dict[str, Any], train_cfg: dict[str, Any], seed: int,
+                   target: int = 0, device: str = "auto", info: dict[str, Any] | None = None) -> dict:
+    """Prune the experts, fine-tune, and measure CA/ASR before, after pruning and after fine-tuning."""
+    ds, t = load_dataset_tensors(data_path)
+    dev = resolve_device(device)
+    model, meta = load_model(weights, dev)
+    rec = PoisonRecord.load(poison_path)
+    trigger = load_trigger(trigger_path)
+    x_asr = asr_set(t["x_test"], t["y_test"], trigger, target)[0]
+    finetune_data = fp_cfg.get("finetune_data", "authors")
+    # the authors' "clean" training array: for the square trigger it still held the triggered images
+    # (in-place side effect, spec 4.1) with their true labels; blend and warp left it clean
+    if finetune_data == "authors" and trigger.kind == "square":
+        x_ft, y_ft = rec.apply(t["x_train"], t["y_train"], relabel=False)
+    elif finetune_data in ("authors", "clean"):
+        x_ft, y_ft = t["x_train"], t["y_train"]
+    else:
+        raise ValueError(f"fine_pruning.finetune_data must be 'authors' or 'clean', got {finetune_data!r}")
+    # activations: the first N images of the (shuffled) fine-tuning array, as training_data[:10000]
+    order = torch.from_numpy(np.random.default_rng(derived_seed(seed, "fp-order")).permutation(len(y_ft)))
+    x_act = x_ft[order[: int(fp_cfg.get("activation_images", 10000))]]
+
+    def measure() -> dict[str, float]:
+        m = evaluate(model, t["x_test"], t["y_test"], x_asr, target, ds.num_classes, device=dev)
+        return {"ca": m["ba"], "asr": m["asr"]}
+
+    result: dict[str, Any] = {**(info or {}), "prune_rate": prune_rate, "finetune_data": finetune_data,
+                              "mask": bool(fp_cfg.get("mask", False))}
+    result["before"] = measure()
+    means = expert_channel_means(model, x_act, device=dev)
+    pruned = channels_to_prune(means, prune_rate)
+    prune_experts(model, pruned, mask=result["mask"])
+    result["pruned_channels"] = [p.tolist() for p in pruned]
+    result["after_pruning"] = measure()
+    ft = {k: v for k, v in train_cfg.items()}
+    ft.update({"epochs": fp_cfg.get("epochs", 5), "lr": fp_cfg.get("lr", ft.get("lr", 0.1)),
+               "seed": derived_seed(seed, "fp-shuffle"), "eval_every": 0})
+    history = fit(model, x_ft, y_ft, TrainConfig.from_dict(ft), t["x_test"], t["y_test"], device=dev)
+    remove_masks(model)
+    result["after_finetuning"] = measure()
+    result["finetune_history"] = history["epochs"]
+    write_json(out, result)
+    print({k: result[k] for k in ("before", "after_pruning", "after_finetuning")})
+    return result
+
+
+def prune_sweep_job(data_path: str, weights: str, trigger_path: str, poison_path: str, out: str,
+                    rates: list[float], fp_cfg: dict[str, Any], seed: int, target: int = 0,
+                    device: str = "auto", info: dict[str, Any] | None = None) -> list[dict]:
+    """CA and ASR after pruning alone (no fine-tuning) at each rate in ``rates``."""
+    ds, t = load_dataset_tensors(data_path)
+    dev = resolve_device(device)
+    base, _ = load_model(weights, dev)
+    trigger = load_trigger(trigger_path)
+    rec = PoisonRecord.load(poison_path)
+    x_asr = asr_set(t["x_test"], t["y_test"], trigger, target)[0]
+    if fp_cfg.get("finetune_data", "authors") == "authors" and trigger.kind == "square":
+        x_act_all, _ = rec.apply(t["x_train"], t["y_train"], relabel=False)
+    else:
+        x_act_all = t["x_train"]
+    order = torch.from_numpy(np.random.default_rng(derived_seed(seed, "fp-order")).permutation(len(x_act_all)))
+    x_act = x_act_all[order[: int(fp_cfg.get("activation_images", 10000))]]
+    means = expert_channel_means(base, x_act, device=dev)
+    rows = []
+    for rate in rates:
+        model = copy.deepcopy(base)
+        prune_experts(model, channels_to_prune(means, rate))
+        m = evaluate(model, t["x_test"], t["y_test"], x_asr, target, ds.num_classes, device=dev)
+        rows.append({**(info or {}), "prune_rate": rate, "ca": m["ba"], "asr": m["asr"]})
+    write_json(out, rows)
+    return rows

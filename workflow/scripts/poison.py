@@ -1,0 +1,6 @@
+from pmoe_backdoor.pipeline import log_to, make_poison_file
+
+with log_to(snakemake.log[0]):
+    make_poison_file(snakemake.input.data, snakemake.input.trigger, float(snakemake.wildcards.rate),
+                     int(snakemake.wildcards.seed), snakemake.params.target, snakemake.params.exclude_target,
+                     snakemake.output[0])

@@ -1,0 +1,4 @@
+from pmoe_backdoor.pipeline import log_to, prepare_data
+
+with log_to(snakemake.log[0]):
+    prepare_data(dict(snakemake.params.spec), snakemake.output[0])
