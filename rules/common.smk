@@ -68,11 +68,11 @@ def seeds_for(attack):
     return list(range(n))
 
 
-def run_dirs():
+def run_dirs(datasets=None):
     """Every (dataset, model, attack, seed) training run as its results directory."""
     return [
         f"{RESULTS}/{d}/{m}/{a}/seed{s}"
-        for d in DATASETS
+        for d in datasets or DATASETS
         for m in MODELS
         for a in ["clean"] + ATTACKS
         for s in seeds_for(a)
@@ -129,7 +129,7 @@ def prune_sweep_targets():
 
 
 def report_targets():
-    targets = [f"{RESULTS}/tables/runs.csv", f"{RESULTS}/figures/asr_ba_vs_rate.png"]
+    targets = [f"{RESULTS}/tables/runs_{d}.csv" for d in DATASETS] + [f"{RESULTS}/figures/asr_ba_vs_rate.png"]
     targets += [f"{RESULTS}/tables/attacks_{d}.{ext}" for d in DATASETS for ext in ("csv", "md", "tex")]
     if FP.get("enabled", False):
         targets += [f"{RESULTS}/tables/fine_pruning.{ext}" for ext in ("csv", "md", "tex")]

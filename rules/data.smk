@@ -9,5 +9,7 @@ rule prepare_data:
     resources:
         runtime=120,
         mem_mb=8000,
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/prepare_data.py"

@@ -21,6 +21,8 @@ rule fine_prune:
         gpu=1,
         runtime=config["resources"]["train_runtime_min"],
         mem_mb=config["resources"]["train_mem_mb"],
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/fine_prune.py"
 
@@ -44,5 +46,7 @@ rule prune_sweep:
     threads: config["resources"]["train_threads"]
     resources:
         runtime=30,
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/prune_sweep.py"

@@ -15,5 +15,7 @@ rule evaluate:
     threads: config["resources"]["train_threads"]
     resources:
         runtime=30,
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/evaluate.py"

@@ -10,6 +10,8 @@ rule make_trigger:
         f"{RESULTS}/logs/make_trigger/{{dataset}}/{{trigger}}/seed{{seed}}.log",
     resources:
         runtime=5,
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/make_trigger.py"
 
@@ -28,5 +30,7 @@ rule poison:
         f"{RESULTS}/logs/poison/{{dataset}}/{{trigger}}-{{rate}}/seed{{seed}}.log",
     resources:
         runtime=10,
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/poison.py"

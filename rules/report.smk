@@ -1,15 +1,17 @@
 rule aggregate_runs:
-    """Every run's metrics in one table (one row per dataset, model, attack and seed)."""
+    """Every run's metrics of one dataset in one table (one row per model, attack and seed)."""
     input:
-        [f"{run}/metrics.json" for run in run_dirs()],
+        lambda wc: [f"{run}/metrics.json" for run in run_dirs([wc.dataset])],
     output:
         report(
-            f"{RESULTS}/tables/runs.csv",
+            f"{RESULTS}/tables/runs_{{dataset}}.csv",
             caption="../reports/runs.rst",
             category="Per-run metrics",
         ),
     log:
-        f"{RESULTS}/logs/aggregate_runs.log",
+        f"{RESULTS}/logs/aggregate_runs/{{dataset}}.log",
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/aggregate_runs.py"
 
@@ -17,7 +19,7 @@ rule aggregate_runs:
 rule attack_table:
     """Tables 1 (CIFAR-10) and 2 (GTSRB): ASR, BA and CAD, mean and std over seeds, beside the paper."""
     input:
-        runs=f"{RESULTS}/tables/runs.csv",
+        runs=f"{RESULTS}/tables/runs_{{dataset}}.csv",
         paper=workflow.source_path("../config/paper-tables-1-2.csv"),
     output:
         csv=report(
@@ -37,6 +39,8 @@ rule attack_table:
         paper_name=lambda wc: config["datasets"][wc.dataset].get("paper_name", wc.dataset),
     log:
         f"{RESULTS}/logs/attack_table/{{dataset}}.log",
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/attack_table.py"
 
@@ -44,7 +48,7 @@ rule attack_table:
 rule attack_figure:
     """ASR and BA against the poisoning rate, per trigger and dataset, with the paper's values."""
     input:
-        runs=f"{RESULTS}/tables/runs.csv",
+        runs=[f"{RESULTS}/tables/runs_{d}.csv" for d in DATASETS],
         paper=workflow.source_path("../config/paper-tables-1-2.csv"),
     output:
         report(
@@ -56,6 +60,8 @@ rule attack_figure:
         paper_names={d: spec.get("paper_name", d) for d, spec in config["datasets"].items()},
     log:
         f"{RESULTS}/logs/attack_figure.log",
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/attack_figure.py"
 
@@ -78,6 +84,8 @@ rule fine_pruning_table:
         tex=f"{RESULTS}/tables/fine_pruning.tex",
     log:
         f"{RESULTS}/logs/fine_pruning_table.log",
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/fine_pruning_table.py"
 
@@ -94,5 +102,7 @@ rule prune_sweep_figure:
         ),
     log:
         f"{RESULTS}/logs/prune_sweep_figure.log",
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/prune_sweep_figure.py"

@@ -21,5 +21,7 @@ rule train_model:
         gpu=1,
         runtime=config["resources"]["train_runtime_min"],
         mem_mb=config["resources"]["train_mem_mb"],
+    conda:
+        "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/train_model.py"

@@ -125,14 +125,14 @@ def _savefig(fig, path: str) -> None:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format=Path(path).suffix.lstrip("."))
 
 
-def attack_figure(runs_csv: str, paper_csv: str | None, paper_names: dict[str, str], out_png: str) -> None:
+def attack_figure(runs_csvs: Sequence[str], paper_csv: str | None, paper_names: dict[str, str], out_png: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    runs = pd.read_csv(runs_csv)
+    runs = pd.concat([pd.read_csv(p) for p in runs_csvs], ignore_index=True)
     paper = pd.read_csv(paper_csv) if paper_csv and Path(paper_csv).is_file() else None
     attacks = runs[runs.trigger != "clean"]
     datasets, triggers = sorted(runs.dataset.unique()), sorted(attacks.trigger.unique())

@@ -1,3 +1,4 @@
+import _src  # noqa: F401  (puts this workflow's src/ first on sys.path)
 from pmoe_backdoor.pipeline import log_to
 from pmoe_backdoor.report import fine_pruning_table
 

@@ -1,3 +1,4 @@
+import _src  # noqa: F401  (puts this workflow's src/ first on sys.path)
 from pmoe_backdoor.pipeline import derived_seed, log_to, make_trigger_file
 
 with log_to(snakemake.log[0]):

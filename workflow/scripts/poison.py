@@ -1,3 +1,4 @@
+import _src  # noqa: F401  (puts this workflow's src/ first on sys.path)
 from pmoe_backdoor.pipeline import log_to, make_poison_file
 
 with log_to(snakemake.log[0]):
