@@ -63,6 +63,16 @@ wildcard_constraints:
     prune=r"[0-9]+(\.[0-9]+)?",
 
 
+def canonical(value):
+    """A config block with its keys sorted at every level: Snakemake compares params as written, so key order
+    alone must not make a job look changed."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
 def seeds_for(attack):
     n = config["seeds"]["clean"] if attack == "clean" else config["seeds"]["attack"]
     return list(range(n))
@@ -99,7 +109,7 @@ def poison_file(wildcards):
 
 
 def trigger_params(trigger):
-    params = dict(config["attack"]["triggers"][trigger])
+    params = canonical(config["attack"]["triggers"][trigger])
     return params.pop("kind"), params
 
 

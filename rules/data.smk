@@ -3,7 +3,7 @@ rule prepare_data:
     output:
         f"{RESULTS}/data/{{dataset}}.npz",
     params:
-        spec=lambda wc: config["datasets"][wc.dataset],
+        spec=lambda wc: canonical(config["datasets"][wc.dataset]),
     log:
         f"{RESULTS}/logs/prepare_data/{{dataset}}.log",
     resources:

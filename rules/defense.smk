@@ -8,8 +8,8 @@ rule fine_prune:
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{prune}}/metrics.json",
     params:
-        fine_pruning={k: FP[k] for k in FP_JOB_KEYS if k in FP},
-        train=config["train"],
+        fine_pruning=canonical({k: FP[k] for k in FP_JOB_KEYS if k in FP}),
+        train=canonical(config["train"]),
         target=config["attack"]["target"],
         device=config["device"],
     log:
@@ -38,7 +38,7 @@ rule prune_sweep:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/prune_sweep.json",
     params:
         rates=FP.get("sweep", []),
-        fine_pruning={k: FP[k] for k in ("activation_images", "finetune_data") if k in FP},
+        fine_pruning=canonical({k: FP[k] for k in ("activation_images", "finetune_data") if k in FP}),
         target=config["attack"]["target"],
         device=config["device"],
     log:

@@ -8,8 +8,8 @@ rule train_model:
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
         history=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/history.json",
     params:
-        model=lambda wc: config["models"][wc.model],
-        train=config["train"],
+        model=lambda wc: canonical(config["models"][wc.model]),
+        train=canonical(config["train"]),
         device=config["device"],
         probes=config["routing_probes"],
     log:

@@ -18,6 +18,8 @@ from pmoe_backdoor.data import (
     stratified_subset,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHARED_CIFAR = Path(__file__).parents[2] / "shared/data/cifar10-subset.npz"
 
 

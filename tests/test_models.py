@@ -18,6 +18,8 @@ from pmoe_backdoor.models import (
     set_bn_momentum,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def pmoe10() -> nn.Module:
@@ -180,6 +182,19 @@ def test_tf_same_pad_odd_width_pads_per_axis():
     assert torch.equal(y, x[:, :, 1::2, 0::2])
 
 
+@pytest.mark.parametrize(("r", "c"), [(0, 0), (2, 2), (7, 5)])
+def test_feature_position_receptive_field(r, c):
+    # spec 1.1: position (r, c) of the 8x8 map has a 17x17 receptive field centred on input (4r+3, 4c+3)
+    torch.manual_seed(0)
+    model = build_model("pmoe", 10, widen_factor=1).double().eval()
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    model.features(x)[0, :, r, c].sum().backward()
+    nz = (x.grad[0].abs().sum(0) > 0).nonzero()
+    cr, cc = 4 * r + 3, 4 * c + 3
+    assert nz[:, 0].min().item() == max(cr - 8, 0) and nz[:, 0].max().item() == min(cr + 8, 31)
+    assert nz[:, 1].min().item() == max(cc - 8, 0) and nz[:, 1].max().item() == min(cc + 8, 31)
+
+
 def test_model_stride2_convs_output_sizes():
     model = _narrow(widen=1)
     assert isinstance(model.pre_conv, TFSamePadConv)
@@ -308,12 +323,10 @@ def test_non_routed_positions_give_one_nonzero_constant_in_eval(routed):
         moe.expert_bn.weight.uniform_(0.5, 1.5)
         moe.expert_bn.bias.normal_(0.0, 1.0)
         moe.expert_conv.bias.normal_(0.0, 1.0)
-    out = {}
-    h = moe.expert_conv.register_forward_hook(lambda m, i, o: out.__setitem__("y", o.detach()))
     with torch.no_grad():
-        _, idx = model(x, return_routing=True)
-    h.remove()
-    y = out["y"]  # (B, E*Ce, 8, 8)
+        y, idx = moe(model.features(x))  # the MoE stage output (B, E*Ce, 8, 8), as the head sees it
+        _, idx_model = model(x, return_routing=True)
+    assert torch.equal(idx, idx_model)
     bn = moe.expert_bn
     with torch.no_grad():
         z = F.relu(bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps))

@@ -9,6 +9,8 @@ import torch
 from pmoe_backdoor.poison import PoisonRecord, asr_set, choose_poison_indices, make_poison, num_poisoned
 from pmoe_backdoor.triggers import make_trigger
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RATES = [0.1, 0.5, 2, 6, 10]
 
 

@@ -17,6 +17,8 @@ from pmoe_backdoor.triggers import (
     warp_noise,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARTEFACT_FROM = [17, 21, 25, 29]
 ARTEFACT_TO = [16, 20, 24, 28]
 
@@ -60,13 +62,11 @@ def test_square_out_of_range_rejected(params):
         make_trigger("square", params)
 
 
-@pytest.mark.xfail(reason="make_trigger('square') accepts negative row/col: row=-1 passes the fit check "
-                          "(row + size <= 32) and apply() then slices out[:, -1:3] which is empty, so the "
-                          "trigger silently changes nothing (triggers.py make_trigger, square validation)",
-                   strict=True)
-def test_square_negative_position_rejected():
-    with pytest.raises(ValueError):
-        make_trigger("square", {"row": -1})
+@pytest.mark.parametrize("params", [{"row": -1}, {"col": -2, "size": 2}])
+def test_square_negative_position_rejected(params):
+    # a negative start would slice an empty region: the trigger would silently change nothing
+    with pytest.raises(ValueError, match="square"):
+        make_trigger("square", params)
 
 
 # ----------------------------------------------------------------------------------------------------------

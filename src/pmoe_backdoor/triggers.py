@@ -209,7 +209,8 @@ def make_trigger(kind: str, params: dict[str, Any] | None = None, seed: int = 0)
         raise ValueError(f"trigger {kind!r}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(allowed[kind])}")
     if kind == "square":
         t = SquareTrigger(**params)
-        if not (1 <= t.size and t.row + t.size <= H and t.col + t.size <= W and 0 <= t.value <= 255):
+        if not (1 <= t.size and 0 <= t.row and 0 <= t.col and t.row + t.size <= H and t.col + t.size <= W
+                and 0 <= t.value <= 255):
             raise ValueError(f"trigger 'square': size/row/col must fit in 32x32 and value in [0, 255]; got {params}")
         return t
     if kind == "blend":

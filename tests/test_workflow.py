@@ -1,0 +1,149 @@
+"""End-to-end runs of the real Snakefile on the smoke config, in a temporary working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "config" / "smoke.yaml"
+
+pytest.importorskip("snakemake", reason="the workflow extra is not installed (pip install -e '.[workflow]')")
+pytestmark = pytest.mark.e2e
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path = SMOKE, timeout: float = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def write_config(path: Path, **changes) -> Path:
+    cfg = yaml.safe_load(SMOKE.read_text())
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Parse the 'Job stats' table of a dry run."""
+    text = proc.stdout + proc.stderr
+    stats, inside = {}, False
+    for line in text.splitlines():
+        if line.startswith("Job stats"):
+            inside = True
+            continue
+        if inside:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                if parts[0] == "total":
+                    break
+                stats[parts[0]] = int(parts[1])
+    return stats
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("smoke")
+    snakemake(workdir)
+    return workdir
+
+
+def test_smoke_config_completes_with_every_output(smoke_run: Path):
+    res = smoke_run / "results"
+    for rel in ["tables/runs_synth.csv", "tables/attacks_synth.csv", "tables/attacks_synth.md",
+                "tables/attacks_synth.tex", "tables/fine_pruning.csv", "tables/fine_pruning.md",
+                "figures/asr_ba_vs_rate.png", "figures/prune_sweep.png"]:
+        assert (res / rel).stat().st_size > 0, rel
+    cfg = yaml.safe_load(SMOKE.read_text())
+    n_runs = cfg["seeds"]["clean"] + len(cfg["attack"]["triggers"]) * len(cfg["attack"]["rates"]) * cfg["seeds"]["attack"]
+    metrics = sorted(res.glob("synth/pmoe/*/seed*/metrics.json"))
+    assert len(metrics) == n_runs
+    for path in metrics:
+        m = json.loads(path.read_text())
+        assert 0.0 <= m["ba"] <= 100.0
+        assert ("asr" in m) == (m["attack"] != "clean")
+    # every rule wrote its log; training jobs wrote a benchmark file
+    assert len(list((res / "logs" / "train_model").rglob("*.log"))) == n_runs
+    assert len(list((res / "benchmarks" / "train_model").rglob("*.tsv"))) == n_runs
+    table = (res / "tables" / "attacks_synth.md").read_text()
+    for trigger in ("square", "blend", "warped"):
+        assert f"| {trigger} |" in table
+
+
+def test_second_run_has_nothing_to_do(smoke_run: Path):
+    proc = snakemake(smoke_run, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+
+
+def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path: Path):
+    cfg = write_config(tmp_path / "changed.yaml", **{"fine_pruning.epochs": 2})
+    plan = planned_jobs(snakemake(smoke_run, "-n", configfile=cfg))
+    assert plan.get("fine_prune") == 2, plan
+    assert "train_model" not in plan and "evaluate" not in plan and "poison" not in plan, plan
+    assert set(plan) <= {"fine_prune", "fine_pruning_table", "all"}, plan
+    weights = sorted((smoke_run / "results").rglob("weights.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in weights}
+    snakemake(smoke_run, configfile=cfg)
+    assert {p: p.stat().st_mtime_ns for p in weights} == before, "training outputs must not be rewritten"
+    fp = json.loads(next((smoke_run / "results").rglob("fineprune/10/metrics.json")).read_text())
+    assert len(fp["finetune_history"]) == 2
+    snakemake(smoke_run)  # back to the smoke config for the other tests
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"train.epochz": 3}, "epochz"),
+    ({"train.precision": "fp16"}, "fp16"),
+    ({"attack.triggers.square.size": "big"}, "big"),
+    ({"fine_pruning.models": ["nope"]}, "nope"),
+])
+def test_broken_config_fails_fast_naming_the_problem(tmp_path: Path, change, expected):
+    cfg = write_config(tmp_path / "broken.yaml", **change)
+    t0 = time.perf_counter()
+    proc = snakemake(tmp_path / "work", "-n", configfile=cfg, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert expected in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert time.perf_counter() - t0 < 60
+    assert not (tmp_path / "work" / "results").exists()
+
+
+def test_killed_training_leaves_no_complete_looking_output(tmp_path: Path):
+    # a training long enough to be killed mid-way
+    cfg = write_config(tmp_path / "slow.yaml", **{"train.epochs": 400, "seeds.clean": 1, "attack.rates": [10],
+                                                  "attack.triggers": {"square": {"kind": "square"}},
+                                                  "fine_pruning.enabled": False, "fine_pruning.sweep": []})
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile",
+           str(cfg), "--cores", "1", "results/synth/pmoe/clean/seed0/weights.safetensors"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = work / "results/logs/train_model/synth/pmoe/clean/seed0.log"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and "epoch 2/" in log.read_text()):
+        time.sleep(0.5)
+    assert log.exists() and "epoch 2/" in log.read_text(), "training did not start"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    run = work / "results/synth/pmoe/clean/seed0"
+    assert not (run / "weights.safetensors").exists()
+    assert not (run / "history.json").exists()
+    # Snakemake schedules the job again
+    plan = planned_jobs(snakemake(work, "-n", "results/synth/pmoe/clean/seed0/weights.safetensors",
+                                  configfile=cfg))
+    assert plan.get("train_model") == 1, plan
