@@ -26,6 +26,7 @@ include: "rules/poison.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/defense.smk"
+include: "rules/analysis.smk"
 include: "rules/report.smk"
 
 

@@ -20,6 +20,15 @@ def check_config(cfg):
                 raise ValueError(
                     f"config: {group} name {name!r} must be letters, digits or '_' and not 'clean'"
                 )
+    analysis = cfg.get("analysis")
+    if analysis is not None:
+        if float(analysis["rate"]) not in [float(r) for r in cfg["attack"]["rates"]]:
+            raise ValueError(f"config: analysis.rate {analysis['rate']} is not one of attack.rates")
+        if analysis["seed"] >= min(cfg["seeds"]["clean"], cfg["seeds"]["attack"]):
+            raise ValueError(f"config: analysis.seed {analysis['seed']} has no run (seeds start at 0)")
+        for name in analysis.get("classes_by_dataset", {}):
+            if name not in cfg["datasets"]:
+                raise ValueError(f"config: analysis.classes_by_dataset names {name!r}, not in 'datasets'")
     fp = cfg.get("fine_pruning", {})
     if fp.get("enabled", False):
         for key, pool in (("datasets", "datasets"), ("models", "models")):
@@ -45,12 +54,13 @@ check_config(config)
 
 DATASETS = list(config["datasets"])
 MODELS = list(config["models"])
+PMOE_MODELS = [m for m in MODELS if config["models"][m]["arch"] == "pmoe"]
 TRIGGERS = list(config["attack"]["triggers"])
 RATES = [fmt_rate(r) for r in config["attack"]["rates"]]
 ATTACKS = [f"{t}-{r}" for t in TRIGGERS for r in RATES]
 FP = config.get("fine_pruning", {"enabled": False})
 # the Fine-Pruning keys one fine_prune job depends on (the others only choose which jobs exist)
-FP_JOB_KEYS = ("epochs", "lr", "activation_images", "finetune_data", "mask")
+FP_JOB_KEYS = ("epochs", "lr", "activation_images", "mask")
 
 
 wildcard_constraints:
@@ -61,6 +71,7 @@ wildcard_constraints:
     attack=r"clean|[A-Za-z0-9_]+-[0-9]+(\.[0-9]+)?",
     seed=r"[0-9]+",
     prune=r"[0-9]+(\.[0-9]+)?",
+    variant="authors|clean",
 
 
 def canonical(value):
@@ -128,7 +139,10 @@ def fine_prune_runs():
 
 def fine_prune_targets():
     return [
-        f"{run}/fineprune/{fmt_rate(p)}/metrics.json" for run in fine_prune_runs() for p in FP["prune_rates"]
+        f"{run}/fineprune/{v}/{fmt_rate(p)}/metrics.json"
+        for run in fine_prune_runs()
+        for v in FP["finetune_data"]
+        for p in FP["prune_rates"]
     ]
 
 
@@ -148,9 +162,84 @@ def report_targets():
     return targets
 
 
+def analysis_targets():
+    if "analysis" not in config:
+        return []
+    targets = [f"{RESULTS}/figures/trigger_examples_{d}.png" for d in DATASETS]
+    for d in DATASETS:
+        for m in PMOE_MODELS:
+            targets += [f"{RESULTS}/figures/patch_maps_{d}_{m}.png", f"{RESULTS}/figures/patch_values_{d}_{m}.png"]
+        if PMOE_MODELS and any(t["kind"] == "square" for t in config["attack"]["triggers"].values()):
+            targets += [f"{RESULTS}/tables/routing_{d}.{ext}" for ext in ("csv", "md", "tex")]
+            targets.append(f"{RESULTS}/figures/routing_{d}.png")
+    if FP.get("enabled", False):
+        targets += [f"{RESULTS}/figures/fineprune_patch_maps_{d}_{m}.png" for d in FP["datasets"] for m in FP["models"]]
+    return targets
+
+
 def all_targets():
-    return report_targets()
+    return report_targets() + analysis_targets()
 
 
 def train_resources():
     return config["resources"]
+
+
+# ----- routing analysis -----
+
+
+def analysis_classes(dataset):
+    return config["analysis"].get("classes_by_dataset", {}).get(dataset, config["analysis"]["classes"])
+
+
+def analysis_models(wildcards):
+    """The clean model and each trigger's model at the analysis rate, all at the analysis seed."""
+    seed, rate = config["analysis"]["seed"], fmt_rate(config["analysis"]["rate"])
+    base = f"{RESULTS}/{wildcards.dataset}/{wildcards.model}"
+    models = {"clean": {"weights": f"{base}/clean/seed{seed}/weights.safetensors", "trigger": None}}
+    for trig in TRIGGERS:
+        models[f"{trig} {rate} %"] = {
+            "weights": f"{base}/{trig}-{rate}/seed{seed}/weights.safetensors",
+            "trigger": f"{RESULTS}/{wildcards.dataset}/triggers/{trig}/seed{seed}.safetensors",
+        }
+    return models
+
+
+def fineprune_models(wildcards):
+    """The backdoored model before Fine-Pruning and after it, at each pruning rate (first fine-tuning set)."""
+    seed, trig, rate = config["analysis"]["seed"], FP["triggers"][0], fmt_rate(FP["poison_rates"][0])
+    run = f"{RESULTS}/{wildcards.dataset}/{wildcards.model}/{trig}-{rate}/seed{seed}"
+    trigger = f"{RESULTS}/{wildcards.dataset}/triggers/{trig}/seed{seed}.safetensors"
+    models = {f"{trig} {rate} % before": {"weights": f"{run}/weights.safetensors", "trigger": trigger}}
+    for p in FP["prune_rates"]:
+        models[f"after FP {fmt_rate(p)} %"] = {
+            "weights": f"{run}/fineprune/{FP['finetune_data'][0]}/{fmt_rate(p)}/weights.safetensors",
+            "trigger": trigger,
+        }
+    return models
+
+
+def model_files(models):
+    return sorted({f for spec in models.values() for f in spec.values() if f})
+
+
+def square_triggers():
+    return [t for t in TRIGGERS if config["attack"]["triggers"][t]["kind"] == "square"]
+
+
+def routing_stats_triggers(wildcards):
+    """Square triggers to analyse: the run's own for a square attack, every square trigger for a clean run."""
+    names = square_triggers() if wildcards.attack == "clean" else [split_attack(wildcards.attack)[0]]
+    return {
+        n: f"{RESULTS}/{wildcards.dataset}/triggers/{n}/seed{wildcards.seed}.safetensors" for n in names
+    }
+
+
+def routing_stats_targets(dataset):
+    attacks = ["clean"] + [f"{t}-{r}" for t in square_triggers() for r in RATES]
+    return [
+        f"{RESULTS}/{dataset}/{m}/{a}/seed{s}/routing_stats.json"
+        for m in PMOE_MODELS
+        for a in attacks
+        for s in seeds_for(a)
+    ]

@@ -1,21 +1,23 @@
 rule fine_prune:
-    """Fine-Pruning of one backdoored pmoe at one pruning rate: before, after pruning, after fine-tuning."""
+    """Fine-Pruning of one backdoored pmoe at one pruning rate with one fine-tuning set (variant 'authors' or
+    'clean'): CA and ASR before, after pruning, after fine-tuning; the fine-tuned weights."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
         poison=poison_file,
         trigger=trigger_file,
     output:
-        f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{prune}}/metrics.json",
+        metrics=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/metrics.json",
+        weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/weights.safetensors",
     params:
         fine_pruning=canonical({k: FP[k] for k in FP_JOB_KEYS if k in FP}),
         train=canonical(config["train"]),
         target=config["attack"]["target"],
         device=config["device"],
     log:
-        f"{RESULTS}/logs/fine_prune/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{prune}}.log",
+        f"{RESULTS}/logs/fine_prune/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{variant}}/{{prune}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/fine_prune/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{prune}}.tsv"
+        f"{RESULTS}/benchmarks/fine_prune/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{variant}}/{{prune}}.tsv"
     threads: config["resources"]["train_threads"]
     resources:
         gpu=1,
@@ -38,7 +40,9 @@ rule prune_sweep:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/prune_sweep.json",
     params:
         rates=FP.get("sweep", []),
-        fine_pruning=canonical({k: FP[k] for k in ("activation_images", "finetune_data") if k in FP}),
+        fine_pruning=canonical(
+            {"activation_images": FP.get("activation_images"), "activation_data": FP.get("finetune_data", ["authors"])[0]}
+        ),
         target=config["attack"]["target"],
         device=config["device"],
     log:

@@ -69,7 +69,8 @@ rule attack_figure:
 rule fine_pruning_table:
     """Table 3: CA and ASR before the defense, after pruning and after fine-tuning, mean and std over runs."""
     input:
-        fine_prune_targets(),
+        runs=fine_prune_targets(),
+        paper=workflow.source_path("../config/paper-table-3.csv"),
     output:
         csv=report(
             f"{RESULTS}/tables/fine_pruning.csv",
@@ -82,6 +83,8 @@ rule fine_pruning_table:
             category="Fine-Pruning",
         ),
         tex=f"{RESULTS}/tables/fine_pruning.tex",
+    params:
+        paper_names={d: spec.get("paper_name", d) for d, spec in config["datasets"].items()},
     log:
         f"{RESULTS}/logs/fine_pruning_table.log",
     conda:

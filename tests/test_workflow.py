@@ -96,14 +96,14 @@ def test_second_run_has_nothing_to_do(smoke_run: Path):
 def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path: Path):
     cfg = write_config(tmp_path / "changed.yaml", **{"fine_pruning.epochs": 2})
     plan = planned_jobs(snakemake(smoke_run, "-n", configfile=cfg))
-    assert plan.get("fine_prune") == 2, plan
+    assert plan.get("fine_prune") == 4, plan  # 2 prune rates x 2 fine-tuning sets
     assert "train_model" not in plan and "evaluate" not in plan and "poison" not in plan, plan
     assert set(plan) <= {"fine_prune", "fine_pruning_table", "all"}, plan
     weights = sorted((smoke_run / "results").rglob("weights.safetensors"))
     before = {p: p.stat().st_mtime_ns for p in weights}
     snakemake(smoke_run, configfile=cfg)
     assert {p: p.stat().st_mtime_ns for p in weights} == before, "training outputs must not be rewritten"
-    fp = json.loads(next((smoke_run / "results").rglob("fineprune/10/metrics.json")).read_text())
+    fp = json.loads(next((smoke_run / "results").rglob("fineprune/clean/10/metrics.json")).read_text())
     assert len(fp["finetune_history"]) == 2
     snakemake(smoke_run)  # back to the smoke config for the other tests
 

@@ -200,9 +200,31 @@ def evaluate_job(data_path: str, weights: str, out: str, trigger_path: str | Non
 
 # ----- defenses ---------------------------------------------------------------------------------------------
 
-def fine_prune_job(data_path: str, weights: str, poison_path: str, trigger_path: str, out: str,
-                   prune_rate: float, fp_cfg: dict[str, Any], train_cfg: dict[str, Any], seed: int,
-                   target: int = 0, device: str = "auto", info: dict[str, Any] | None = None) -> dict:
+FINETUNE_DATA = ("authors", "clean")
+
+
+def fineprune_data(t: dict[str, torch.Tensor], rec: PoisonRecord, trigger_kind: str, finetune_data: str,
+                   activation_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fine-tuning set and the activation images for ranking.
+
+    ``authors``: the authors' "clean" training array, which for the square trigger still held the triggered
+    images with their true labels (in-place side effect, spec 4.1); blend and warp left it clean. ``clean``:
+    the clean training set. The activation images are the first ``activation_images`` of that array after a
+    seeded shuffle, as the authors' ``training_data[:10000]``.
+    """
+    if finetune_data not in FINETUNE_DATA:
+        raise ValueError(f"fine_pruning.finetune_data must be one of {FINETUNE_DATA}, got {finetune_data!r}")
+    if finetune_data == "authors" and trigger_kind == "square":
+        x_ft, y_ft = rec.apply(t["x_train"], t["y_train"], relabel=False)
+    else:
+        x_ft, y_ft = t["x_train"], t["y_train"]
+    order = torch.from_numpy(np.random.default_rng(derived_seed(seed, "fp-order")).permutation(len(y_ft)))
+    return x_ft, y_ft, x_ft[order[:activation_images]]
+
+
+def fine_prune_job(data_path: str, weights: str, poison_path: str, trigger_path: str, out: str, out_weights: str,
+                   prune_rate: float, finetune_data: str, fp_cfg: dict[str, Any], train_cfg: dict[str, Any],
+                   seed: int, target: int = 0, device: str = "auto", info: dict[str, Any] | None = None) -> dict:
     """Prune the experts, fine-tune, and measure CA/ASR before, after pruning and after fine-tuning."""
     ds, t = load_dataset_tensors(data_path)
     dev = resolve_device(device)
@@ -210,18 +232,8 @@ def fine_prune_job(data_path: str, weights: str, poison_path: str, trigger_path:
     rec = PoisonRecord.load(poison_path)
     trigger = load_trigger(trigger_path)
     x_asr = asr_set(t["x_test"], t["y_test"], trigger, target)[0]
-    finetune_data = fp_cfg.get("finetune_data", "authors")
-    # the authors' "clean" training array: for the square trigger it still held the triggered images
-    # (in-place side effect, spec 4.1) with their true labels; blend and warp left it clean
-    if finetune_data == "authors" and trigger.kind == "square":
-        x_ft, y_ft = rec.apply(t["x_train"], t["y_train"], relabel=False)
-    elif finetune_data in ("authors", "clean"):
-        x_ft, y_ft = t["x_train"], t["y_train"]
-    else:
-        raise ValueError(f"fine_pruning.finetune_data must be 'authors' or 'clean', got {finetune_data!r}")
-    # activations: the first N images of the (shuffled) fine-tuning array, as training_data[:10000]
-    order = torch.from_numpy(np.random.default_rng(derived_seed(seed, "fp-order")).permutation(len(y_ft)))
-    x_act = x_ft[order[: int(fp_cfg.get("activation_images", 10000))]]
+    x_ft, y_ft, x_act = fineprune_data(t, rec, trigger.kind, finetune_data,
+                                       int(fp_cfg.get("activation_images", 10000)), seed)
 
     def measure() -> dict[str, float]:
         m = evaluate(model, t["x_test"], t["y_test"], x_asr, target, ds.num_classes, device=dev)
@@ -230,18 +242,17 @@ def fine_prune_job(data_path: str, weights: str, poison_path: str, trigger_path:
     result: dict[str, Any] = {**(info or {}), "prune_rate": prune_rate, "finetune_data": finetune_data,
                               "mask": bool(fp_cfg.get("mask", False))}
     result["before"] = measure()
-    means = expert_channel_means(model, x_act, device=dev)
-    pruned = channels_to_prune(means, prune_rate)
+    pruned = channels_to_prune(expert_channel_means(model, x_act, device=dev), prune_rate)
     prune_experts(model, pruned, mask=result["mask"])
     result["pruned_channels"] = [p.tolist() for p in pruned]
     result["after_pruning"] = measure()
-    ft = {k: v for k, v in train_cfg.items()}
-    ft.update({"epochs": fp_cfg.get("epochs", 5), "lr": fp_cfg.get("lr", ft.get("lr", 0.1)),
-               "seed": derived_seed(seed, "fp-shuffle"), "eval_every": 0})
+    ft = dict(train_cfg, epochs=fp_cfg.get("epochs", 5), lr=fp_cfg.get("lr", train_cfg.get("lr", 0.1)),
+              seed=derived_seed(seed, "fp-shuffle"), eval_every=0)
     history = fit(model, x_ft, y_ft, TrainConfig.from_dict(ft), t["x_test"], t["y_test"], device=dev)
     remove_masks(model)
     result["after_finetuning"] = measure()
     result["finetune_history"] = history["epochs"]
+    save_model(model, meta["model"], ds.num_classes, out_weights, {"seed": seed, "fine_pruned": prune_rate})
     write_json(out, result)
     print({k: result[k] for k in ("before", "after_pruning", "after_finetuning")})
     return result
@@ -255,14 +266,10 @@ def prune_sweep_job(data_path: str, weights: str, trigger_path: str, poison_path
     dev = resolve_device(device)
     base, _ = load_model(weights, dev)
     trigger = load_trigger(trigger_path)
-    rec = PoisonRecord.load(poison_path)
     x_asr = asr_set(t["x_test"], t["y_test"], trigger, target)[0]
-    if fp_cfg.get("finetune_data", "authors") == "authors" and trigger.kind == "square":
-        x_act_all, _ = rec.apply(t["x_train"], t["y_train"], relabel=False)
-    else:
-        x_act_all = t["x_train"]
-    order = torch.from_numpy(np.random.default_rng(derived_seed(seed, "fp-order")).permutation(len(x_act_all)))
-    x_act = x_act_all[order[: int(fp_cfg.get("activation_images", 10000))]]
+    _, _, x_act = fineprune_data(t, PoisonRecord.load(poison_path), trigger.kind,
+                                 fp_cfg.get("activation_data", "authors"),
+                                 int(fp_cfg.get("activation_images", 10000)), seed)
     means = expert_channel_means(base, x_act, device=dev)
     rows = []
     for rate in rates:
@@ -272,3 +279,76 @@ def prune_sweep_job(data_path: str, weights: str, trigger_path: str, poison_path
         rows.append({**(info or {}), "prune_rate": rate, "ca": m["ba"], "asr": m["asr"]})
     write_json(out, rows)
     return rows
+
+
+# ----- routing analysis -------------------------------------------------------------------------------------
+
+def first_of_classes(y: np.ndarray, classes: list[int], origin: str) -> list[int]:
+    """The index of the first test image of each listed class."""
+    out = []
+    for c in classes:
+        hits = np.flatnonzero(y == c)
+        if not len(hits):
+            raise ValueError(f"{origin}: class {c} has no test image (classes 0..{int(y.max())})")
+        out.append(int(hits[0]))
+    return out
+
+
+def routing_stats_job(data_path: str, weights: str, triggers: dict[str, str], out: str, target: int = 0,
+                      device: str = "auto", info: dict[str, Any] | None = None) -> dict:
+    """For each square trigger: how often its patch reaches the experts, on the triggered non-target test
+    images and on the same images without the trigger."""
+    from .routing import routing_indices, trigger_patch_stats, trigger_positions
+
+    ds, t = load_dataset_tensors(data_path)
+    dev = resolve_device(device)
+    model, _ = load_model(weights, dev)
+    keep = t["y_test"] != target
+    clean_idx = routing_indices(model, t["x_test"][keep], device=dev)
+    result: dict[str, Any] = {**(info or {}), "triggers": {}}
+    for name, path in triggers.items():
+        trig = load_trigger(path)
+        positions = trigger_positions(trig)
+        trig_idx = routing_indices(model, trig.apply(t["x_test"][keep]), device=dev)
+        result["triggers"][name] = {"positions": positions,
+                                    "triggered": trigger_patch_stats(trig_idx, positions),
+                                    "untriggered": trigger_patch_stats(clean_idx, positions)}
+    write_json(out, result)
+    print({k: v["triggered"]["reached_fraction"] for k, v in result["triggers"].items()})
+    return result
+
+
+def routing_maps_job(data_path: str, models: dict[str, dict[str, str | None]], classes: list[int], out: str,
+                     device: str = "auto") -> dict:
+    """Routing of the chosen test images under each model: ``models`` maps a label to {weights, trigger}; a
+    model with a trigger sees the triggered image. Stores the images, the (E, 8, 8) maps and patch sums."""
+    from .routing import patch_grid, patch_sums, routing_indices
+
+    ds, t = load_dataset_tensors(data_path)
+    dev = resolve_device(device)
+    picks = first_of_classes(ds.y_test, classes, data_path)
+    x = t["x_test"][torch.tensor(picks)]
+    rows = []
+    for label, spec in models.items():
+        model, _ = load_model(spec["weights"], dev)
+        images = load_trigger(spec["trigger"]).apply(x) if spec.get("trigger") else x
+        idx = routing_indices(model, images, device=dev)
+        for i, test_index in enumerate(picks):
+            rows.append({"model": label, "test_index": test_index, "class": str(ds.classes[ds.y_test[test_index]]),
+                         "triggered": bool(spec.get("trigger")), "image": images[i].tolist(),
+                         "maps": patch_grid(idx[i]).tolist(), "patch_sums": patch_sums(images[i]).tolist(),
+                         "selected": idx[i].tolist()})
+    result = {"dataset": str(Path(data_path).stem), "rows": rows}
+    write_json(out, result)
+    return result
+
+
+def trigger_examples_job(data_path: str, triggers: dict[str, str], classes: list[int], out_png: str,
+                         title: str) -> None:
+    from .figures import trigger_examples_figure
+
+    ds, t = load_dataset_tensors(data_path)
+    picks = first_of_classes(ds.y_test, classes, data_path)
+    x = t["x_test"][torch.tensor(picks)]
+    triggered = {name: load_trigger(path).apply(x).numpy() for name, path in triggers.items()}
+    trigger_examples_figure(x.numpy(), [str(ds.classes[ds.y_test[i]]) for i in picks], triggered, out_png, title)

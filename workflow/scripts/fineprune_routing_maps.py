@@ -1,0 +1,10 @@
+import _src  # noqa: F401  (puts this workflow's src/ first on sys.path)
+from pmoe_backdoor.figures import patch_map_figure
+from pmoe_backdoor.pipeline import log_to, routing_maps_job
+
+with log_to(snakemake.log[0]):
+    w = snakemake.wildcards
+    routing_maps_job(snakemake.input.data, dict(snakemake.params.models), list(snakemake.params.classes),
+                     snakemake.output.json, device=snakemake.params.device)
+    patch_map_figure(snakemake.output.json, snakemake.output.maps,
+                     f"Patch routing before and after Fine-Pruning: {w.dataset}, {w.model}")
