@@ -38,7 +38,7 @@ def write_config(path: Path, **changes) -> Path:
         for key in parents:
             node = node[key]
         node[last] = value
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
@@ -98,8 +98,9 @@ def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path:
     plan = planned_jobs(snakemake(smoke_run, "-n", configfile=cfg))
     assert plan.get("fine_prune") == 4, plan  # 2 prune rates x 2 fine-tuning sets
     assert "train_model" not in plan and "evaluate" not in plan and "poison" not in plan, plan
-    assert set(plan) <= {"fine_prune", "fine_pruning_table", "all"}, plan
-    weights = sorted((smoke_run / "results").rglob("weights.safetensors"))
+    assert set(plan) <= {"fine_prune", "fine_pruning_table", "fineprune_routing_maps", "all"}, plan
+    weights = sorted((smoke_run / "results").glob("synth/pmoe/*/seed*/weights.safetensors"))  # trained models
+    assert weights
     before = {p: p.stat().st_mtime_ns for p in weights}
     snakemake(smoke_run, configfile=cfg)
     assert {p: p.stat().st_mtime_ns for p in weights} == before, "training outputs must not be rewritten"

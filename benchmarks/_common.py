@@ -1,0 +1,50 @@
+"""Shared helpers for the benchmark scripts: timing, thread setup and a matmul peak probe."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (default: all cores)")
+    return p
+
+
+def setup(threads: int) -> None:
+    torch.set_num_threads(threads)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{threads} threads, cuda={torch.cuda.is_available()}")
+
+
+def timed(fn: Callable[[], object], repeat: int, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:
+    """Seconds per call: ``warmup`` untimed calls, then the best of three runs of ``repeat`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / repeat)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, device: str = "cpu") -> float:
+    """Dense n x n matrix-multiply FLOP/s: the practical limit the training step is compared with."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    sec = timed(lambda: a @ b, repeat=5)
+    return 2 * n**3 / sec

@@ -1,0 +1,55 @@
+"""Benchmark 4: the workflow itself. `snakemake -n` on the paper's full config (542 jobs), and a no-op rerun of
+a finished smoke workflow.
+
+    .venv/bin/python benchmarks/workflow_overhead.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import parser
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake(*args: str, cwd: Path = REPO) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args], cwd=cwd,
+                          capture_output=True, text=True)
+    sec = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return sec
+
+
+def main() -> None:
+    parser(__doc__.splitlines()[0]).parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        dry = min(snakemake("-d", tmp, "--configfile", str(REPO / "config/config.yaml"), "-n", "--cores", "1")
+                  for _ in range(3))
+        print(f"snakemake -n, paper config (542 jobs): {dry:.2f} s (best of 3)")
+        smoke = ("-d", tmp, "--configfile", str(REPO / "config/smoke.yaml"), "--cores", "2")
+        full = snakemake(*smoke)
+        print(f"smoke config, full run (46 jobs): {full:.1f} s")
+        noop = min(snakemake(*smoke) for _ in range(3))
+        print(f"no-op rerun of the finished smoke workflow: {noop:.2f} s (best of 3)")
+        # a job's fixed start-up: a fresh interpreter importing the library and loading a prepared dataset
+        data = REPO.parent / "shared/data/cifar10-subset.npz"
+        data = data if data.is_file() else Path(tmp) / "results/data/synth.npz"
+        code = ("import sys; sys.path.insert(0, %r); from pmoe_backdoor.pipeline import load_dataset_tensors; "
+                "load_dataset_tensors(%r)" % (str(REPO / "src"), str(data)))
+        starts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            starts.append(time.perf_counter() - t0)
+        print(f"job start-up (interpreter, imports, load {data.name}): {min(starts):.2f} s (best of 3)")
+
+
+if __name__ == "__main__":
+    main()
