@@ -27,6 +27,7 @@ include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/defense.smk"
 include: "rules/analysis.smk"
+include: "rules/deploy.smk"
 include: "rules/report.smk"
 
 

@@ -29,6 +29,11 @@ def check_config(cfg):
         for name in analysis.get("classes_by_dataset", {}):
             if name not in cfg["datasets"]:
                 raise ValueError(f"config: analysis.classes_by_dataset names {name!r}, not in 'datasets'")
+    nc = cfg.get("neural_cleanse", {})
+    if nc.get("enabled", False):
+        for rate in nc["rates"]:
+            if float(rate) not in [float(r) for r in cfg["attack"]["rates"]]:
+                raise ValueError(f"config: neural_cleanse.rates has {rate}, not in attack.rates")
     fp = cfg.get("fine_pruning", {})
     if fp.get("enabled", False):
         for key, pool in (("datasets", "datasets"), ("models", "models")):
@@ -59,6 +64,8 @@ TRIGGERS = list(config["attack"]["triggers"])
 RATES = [fmt_rate(r) for r in config["attack"]["rates"]]
 ATTACKS = [f"{t}-{r}" for t in TRIGGERS for r in RATES]
 FP = config.get("fine_pruning", {"enabled": False})
+DEPLOY = config.get("deployment", {"precisions": []})
+NC = config.get("neural_cleanse", {"enabled": False})
 # the Fine-Pruning keys one fine_prune job depends on (the others only choose which jobs exist)
 FP_JOB_KEYS = ("epochs", "lr", "activation_images", "mask")
 
@@ -72,6 +79,7 @@ wildcard_constraints:
     seed=r"[0-9]+",
     prune=r"[0-9]+(\.[0-9]+)?",
     variant="authors|clean",
+    precision="fp32|int8|int4",
 
 
 def canonical(value):
@@ -177,8 +185,64 @@ def analysis_targets():
     return targets
 
 
+def deploy_targets(dataset):
+    """Every trained and every Fine-Pruned model of a dataset at every deployment precision."""
+    runs = [r for r in run_dirs([dataset])] + [
+        f"{run}/fineprune/{v}/{fmt_rate(p)}"
+        for run in fine_prune_runs()
+        if run.startswith(f"{RESULTS}/{dataset}/")
+        for v in FP["finetune_data"]
+        for p in FP["prune_rates"]
+    ]
+    return [f"{run}/deployed.json" for run in runs] if DEPLOY["precisions"] else []
+
+
+def nc_runs(dataset):
+    if not NC.get("enabled", False):
+        return []
+    attacks = ["clean"] + [f"{t}-{fmt_rate(r)}" for t in TRIGGERS for r in NC["rates"]]
+    return [
+        (f"{RESULTS}/{dataset}/{m}/{a}/seed{s}", a, s)
+        for m in MODELS
+        for a in attacks
+        for s in seeds_for(a)[: NC["seeds"]]
+    ]
+
+
+def nc_targets(dataset):
+    return [f"{run}/neural_cleanse/{p}.json" for run, _, _ in nc_runs(dataset) for p in NC["precisions"]]
+
+
+def nc_mask_entries(dataset):
+    """Seed-0 models at the first Neural Cleanse rate, clean and per trigger, at each precision, for the figure."""
+    entries = {"masks": [], "trigger_of_entry": [], "labels": []}
+    for run, attack, seed in nc_runs(dataset):
+        if seed != 0 or (attack != "clean" and not attack.endswith(f"-{fmt_rate(NC['rates'][0])}")):
+            continue
+        trigger = "" if attack == "clean" else split_attack(attack)[0]
+        for p in NC["precisions"]:
+            entries["masks"].append(f"{run}/neural_cleanse/{p}.safetensors")
+            entries["trigger_of_entry"].append(
+                f"{RESULTS}/{dataset}/triggers/{trigger}/seed0.safetensors" if trigger else ""
+            )
+            entries["labels"].append(f"{attack} · {p}")
+    entries["triggers"] = sorted({t for t in entries["trigger_of_entry"] if t})
+    return entries
+
+
+def beyond_targets():
+    targets = []
+    for d in DATASETS:
+        if DEPLOY["precisions"]:
+            targets += [f"{RESULTS}/tables/precision_{d}.{ext}" for ext in ("csv", "md", "tex")]
+        if NC.get("enabled", False):
+            targets += [f"{RESULTS}/tables/detection_{d}.{ext}" for ext in ("csv", "md", "tex")]
+            targets.append(f"{RESULTS}/figures/nc_masks_{d}.png")
+    return targets
+
+
 def all_targets():
-    return report_targets() + analysis_targets()
+    return report_targets() + analysis_targets() + beyond_targets()
 
 
 def train_resources():

@@ -162,3 +162,48 @@ def routing_stats_figure(summary_csv: str, out_png: str) -> None:
     fig.tight_layout()
     _savefig(fig, out_png)
     plt.close(fig)
+
+
+def nc_mask_figure(entries: Sequence[tuple[str, str, np.ndarray | None]], target: int, out_png: str,
+                   title: str) -> None:
+    """Reversed trigger of the target class per model and precision, beside the real trigger's footprint.
+
+    ``entries``: (label, masks safetensors path, real trigger footprint |triggered - clean| or None)."""
+    from .io import load_tensors
+
+    plt = _plt()
+    fig, axes = plt.subplots(len(entries), 3, figsize=(7.2, 2.3 * len(entries)), squeeze=False)
+    for i, (label, path, footprint) in enumerate(entries):
+        masks, _ = load_tensors(path)
+        mask, pattern = masks[f"mask_{target}"].numpy(), masks[f"pattern_{target}"].numpy()
+        ax = axes[i, 0]
+        if footprint is not None:
+            ax.imshow(footprint, cmap="magma", interpolation="nearest")
+            ax.set_title(f"{label}\nreal trigger |x' − x|", fontsize=8)
+        else:
+            ax.set_title(f"{label}\n(no trigger)", fontsize=8)
+        im = axes[i, 1].imshow(mask, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        axes[i, 1].set_title(f"reversed mask, class {target}\nL1 {mask.sum():.1f}", fontsize=8)
+        fig.colorbar(im, ax=axes[i, 1], fraction=0.046, pad=0.04)
+        axes[i, 2].imshow(np.clip(mask[None] * pattern, 0, 1).transpose(1, 2, 0), interpolation="nearest")
+        axes[i, 2].set_title("mask × pattern", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _savefig(fig, out_png)
+    plt.close(fig)
+
+
+def trigger_footprint(data_path: str, trigger_path: str, target: int = 0, images: int = 64) -> np.ndarray:
+    """Mean |triggered - clean| over the first non-target test images, summed over channels (32 x 32)."""
+    import torch
+
+    from .data import load_npz
+    from .triggers import load_trigger
+
+    ds = load_npz(data_path)
+    x = torch.from_numpy(ds.x_test[ds.y_test != target][:images])
+    diff = (load_trigger(trigger_path).apply(x).float() - x.float()).abs()
+    return diff.mean(0).sum(-1).numpy()

@@ -352,3 +352,73 @@ def trigger_examples_job(data_path: str, triggers: dict[str, str], classes: list
     x = t["x_test"][torch.tensor(picks)]
     triggered = {name: load_trigger(path).apply(x).numpy() for name, path in triggers.items()}
     trigger_examples_figure(x.numpy(), [str(ds.classes[ds.y_test[i]]) for i in picks], triggered, out_png, title)
+
+
+# ----- deployment precisions and Neural Cleanse -------------------------------------------------------------
+
+def calibration_images(x_train: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """The deployer's calibration set: ``count`` clean training images after a seeded shuffle."""
+    order = torch.from_numpy(np.random.default_rng(derived_seed(seed, "calibration")).permutation(len(x_train)))
+    return x_train[order[:count]]
+
+
+def deploy_eval_job(data_path: str, weights: str, precisions: list[str], out: str, trigger_path: str | None = None,
+                    calibration: int = 512, target: int = 0, batch_size: int = 1000, device: str = "auto",
+                    info: dict[str, Any] | None = None) -> list[dict]:
+    """BA and ASR of the model as deployed at each precision; for pmoe models, the share of top-k routing
+    positions that differ from the fp32 model on the clean and the triggered test images."""
+    from .quantize import quantize_model, routing_change
+    from .routing import routing_indices
+
+    ds, t = load_dataset_tensors(data_path)
+    dev = resolve_device(device)
+    model, _ = load_model(weights, dev)
+    seed = int((info or {}).get("seed", 0))
+    calib = calibration_images(t["x_train"], calibration, seed)
+    x_asr = asr_set(t["x_test"], t["y_test"], load_trigger(trigger_path), target)[0] if trigger_path else None
+    is_pmoe = getattr(model, "moe", None) is not None
+    if is_pmoe:
+        ref_clean = routing_indices(model, t["x_test"], device=dev)
+        ref_trig = routing_indices(model, x_asr, device=dev) if x_asr is not None else None
+    results = []
+    for precision in precisions:
+        qmodel = quantize_model(model, precision, calib)
+        metrics = evaluate(qmodel, t["x_test"], t["y_test"], x_asr, target, ds.num_classes, batch_size, device=dev)
+        result = {**(info or {}), "precision": precision,
+                  "calibration_images": calibration if precision == "int8" else 0,
+                  **{k: metrics[k] for k in ("ba", "asr", "test_loss") if k in metrics}}
+        if is_pmoe:
+            result["routing_change_clean"] = routing_change(ref_clean, routing_indices(qmodel, t["x_test"], device=dev))
+            if x_asr is not None:
+                result["routing_change_triggered"] = routing_change(ref_trig, routing_indices(qmodel, x_asr, device=dev))
+        print(result)
+        results.append(result)
+    write_json(out, results)
+    return results
+
+
+def neural_cleanse_job(data_path: str, weights: str, precision: str, out: str, out_masks: str,
+                       nc_cfg: dict[str, Any], classes: int | None = None, images: int = 200, calibration: int = 512,
+                       target: int = 0, device: str = "auto", info: dict[str, Any] | None = None) -> dict:
+    """Neural Cleanse on the model as deployed at ``precision``, with ``images`` clean test images."""
+    from .neural_cleanse import NCConfig, neural_cleanse
+    from .quantize import quantize_model
+
+    ds, t = load_dataset_tensors(data_path)
+    dev = resolve_device(device)
+    model, _ = load_model(weights, dev)
+    seed = int((info or {}).get("seed", 0))
+    qmodel = quantize_model(model, precision, calibration_images(t["x_train"], calibration, seed))
+    order = torch.from_numpy(np.random.default_rng(derived_seed(seed, "nc-images")).permutation(len(t["y_test"])))
+    x = t["x_test"][order[:images]]
+    class_list = list(range(ds.num_classes if classes is None else min(classes, ds.num_classes)))
+    t0 = time.perf_counter()
+    summary, masks = neural_cleanse(qmodel, x, class_list, NCConfig.from_dict(nc_cfg), seed=derived_seed(seed, "nc"),
+                                    device=dev)
+    summary = {**(info or {}), "precision": precision, "target": target, "images": len(x),
+               "seconds": time.perf_counter() - t0, **summary,
+               "detected_target": summary["flagged"] and summary["flagged_class"] == target}
+    save_tensors(out_masks, masks, {"classes": class_list})
+    write_json(out, summary)
+    print({k: summary[k] for k in ("flagged", "flagged_class", "seconds")})
+    return summary

@@ -244,3 +244,81 @@ def prune_sweep_figure(sweep_paths: Sequence[str], out_png: str) -> None:
     fig.tight_layout()
     _savefig(fig, out_png)
     plt.close(fig)
+
+
+def _defense_label(m: dict) -> str:
+    return f"Fine-Pruning {m['fine_pruned']}" if m.get("fine_pruned") else "none"
+
+
+def precision_table(metric_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str) -> pd.DataFrame:
+    """ASR and BA of every model as deployed (fp32 / int8 / int4), mean ± std over seeds, and the share of
+    routing positions that change against fp32."""
+    rows = []
+    for m in (m for p in metric_paths for m in read_json(p)):
+        trigger, rate = ("clean", 0.0) if m["attack"] == "clean" else m["attack"].rsplit("-", 1)
+        rows.append({"dataset": m["dataset"], "model": m["model"], "trigger": trigger, "rate": float(rate),
+                     "defense": _defense_label(m), "seed": m["seed"], "precision": m["precision"], "ba": m["ba"],
+                     "asr": m.get("asr", np.nan), "routing_change_clean": 100 * m.get("routing_change_clean", np.nan),
+                     "routing_change_triggered": 100 * m.get("routing_change_triggered", np.nan)})
+    df = pd.DataFrame(rows)
+    keys = ["dataset", "model", "defense", "trigger", "rate", "precision"]
+    vals = ["asr", "ba", "routing_change_clean", "routing_change_triggered"]
+    summary = df.groupby(keys).agg(seeds=("seed", "count"), **{f"{v}_mean": (v, "mean") for v in vals},
+                                   **{f"{v}_std": (v, "std") for v in vals}).reset_index()
+    with atomic_path(out_csv) as tmp:
+        summary.to_csv(tmp, index=False)
+    precisions = [p for p in ("fp32", "int8", "int4") if p in set(summary.precision)]
+    header = ["Dataset", "Model", "Defense", "Trigger", "Rate %", "Seeds"] + [f"ASR {p}" for p in precisions] \
+        + [f"BA {p}" for p in precisions] + [f"routing Δ {p} (trig.)" for p in precisions if p != "fp32"]
+    body = []
+    for key, g in summary.groupby(keys[:-1], sort=True):
+        by = {r["precision"]: r for r in g.to_dict("records")}
+        cell = lambda p, v, d=1: _pm(by[p][f"{v}_mean"], by[p][f"{v}_std"], d) if p in by else "–"  # noqa: E731
+        body.append([key[0], key[1], key[2], key[3], "–" if key[3] == "clean" else f"{key[4]:g}",
+                     str(int(g.seeds.max()))] + [cell(p, "asr") for p in precisions] + [cell(p, "ba") for p in precisions]
+                    + [cell(p, "routing_change_triggered" if key[3] != "clean" else "routing_change_clean")
+                       for p in precisions if p != "fp32"])
+    title = ("Models as deployed: ASR and BA (%) at each precision (int8: W8A8 per-channel symmetric weights, "
+             "per-tensor affine activations calibrated on clean training images; int4: weight-only per-channel "
+             "symmetric), mean ± std over seeds; routing Δ: % of top-k positions that differ from fp32 (triggered "
+             "test images; clean images for clean models)")
+    write_markdown(out_md, header, body, title)
+    write_latex(out_tex, header, body, title)
+    return summary
+
+
+def detection_table(nc_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str) -> pd.DataFrame:
+    """Neural Cleanse detection rate per trigger, rate and precision over models; false positives on clean ones."""
+    rows = []
+    for p in nc_paths:
+        m = read_json(p)
+        trigger, rate = ("clean", 0.0) if m["attack"] == "clean" else m["attack"].rsplit("-", 1)
+        idx = m["anomaly_index"]
+        target_pos = [c["class"] for c in m["classes"]].index(m["target"]) if any(
+            c["class"] == m["target"] for c in m["classes"]) else None
+        rows.append({"dataset": m["dataset"], "model": m["model"], "trigger": trigger, "rate": float(rate),
+                     "seed": m["seed"], "precision": m["precision"], "flagged": 100.0 * m["flagged"],
+                     "detected_target": 100.0 * m["detected_target"],
+                     "target_anomaly_index": idx[target_pos] if target_pos is not None else np.nan,
+                     "target_l1": m["classes"][target_pos]["l1"] if target_pos is not None else np.nan,
+                     "median_l1": float(np.median([c["l1"] for c in m["classes"]])), "seconds": m["seconds"]})
+    df = pd.DataFrame(rows)
+    keys = ["dataset", "model", "trigger", "rate", "precision"]
+    summary = df.groupby(keys).agg(models=("seed", "count"), flagged=("flagged", "mean"),
+                                   detected_target=("detected_target", "mean"),
+                                   target_anomaly_index=("target_anomaly_index", "mean"),
+                                   target_l1=("target_l1", "mean"), median_l1=("median_l1", "mean"),
+                                   seconds=("seconds", "mean")).reset_index()
+    with atomic_path(out_csv) as tmp:
+        summary.to_csv(tmp, index=False)
+    header = ["Dataset", "Model", "Trigger", "Rate %", "Precision", "Models", "Flagged %", "Target found %",
+              "Target anomaly index", "Target mask L1", "Median mask L1", "s per model"]
+    body = [[r["dataset"], r["model"], r["trigger"], "–" if r["trigger"] == "clean" else f"{r['rate']:g}",
+             r["precision"], str(r["models"]), _num(r["flagged"]),
+             "–" if r["trigger"] == "clean" else _num(r["detected_target"]), _num(r["target_anomaly_index"], 2),
+             _num(r["target_l1"]), _num(r["median_l1"]), _num(r["seconds"], 0)] for r in summary.to_dict("records")]
+    title = ("Neural Cleanse on the models as deployed: share of models flagged (for clean models these are false "
+             "positives) and share whose flagged class is the attack's target; mean over models")
+    write_markdown(out_md, header, body, title)
+    write_latex(out_tex, header, body, title)
+    return summary

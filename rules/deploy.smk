@@ -1,0 +1,131 @@
+# Beyond the paper: every model evaluated as deployed (fp32 / int8 / int4) and Neural Cleanse detection.
+
+
+rule deploy_eval:
+    """BA, ASR and routing change of one trained model at each deployment precision."""
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+        weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
+        trigger=trigger_file,
+    output:
+        f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/deployed.json",
+    params:
+        precisions=DEPLOY["precisions"],
+        calibration=config.get("deployment", {}).get("calibration_images", 512),
+        target=config["attack"]["target"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/deploy_eval/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
+    threads: config["resources"]["train_threads"]
+    resources:
+        runtime=30,
+    conda:
+        "../envs/pmoe.yaml"
+    script:
+        "../workflow/scripts/deploy_eval.py"
+
+
+use rule deploy_eval as deploy_eval_fine_pruned with:
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+        weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/weights.safetensors",
+        trigger=trigger_file,
+    output:
+        f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/deployed.json",
+    log:
+        f"{RESULTS}/logs/deploy_eval/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}.log",
+
+
+rule precision_table:
+    """ASR and BA by precision, trigger and rate (and of the Fine-Pruned models), mean ± std over seeds."""
+    input:
+        lambda wc: deploy_targets(wc.dataset),
+    output:
+        csv=report(
+            f"{RESULTS}/tables/precision_{{dataset}}.csv",
+            caption="../reports/precision_table.rst",
+            category="Deployment precision",
+            subcategory="{dataset}",
+        ),
+        md=report(
+            f"{RESULTS}/tables/precision_{{dataset}}.md",
+            caption="../reports/precision_table.rst",
+            category="Deployment precision",
+            subcategory="{dataset}",
+        ),
+        tex=f"{RESULTS}/tables/precision_{{dataset}}.tex",
+    log:
+        f"{RESULTS}/logs/precision_table/{{dataset}}.log",
+    conda:
+        "../envs/pmoe.yaml"
+    script:
+        "../workflow/scripts/precision_table.py"
+
+
+rule neural_cleanse:
+    """Neural Cleanse on one model at one deployment precision: reversed masks and the anomaly index."""
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+        weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
+    output:
+        summary=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.json",
+        masks=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.safetensors",
+    params:
+        optimizer=canonical(NC.get("optimizer", {})),
+        classes=NC.get("classes"),
+        images=NC.get("images", 200),
+        calibration=config.get("deployment", {}).get("calibration_images", 512),
+        target=config["attack"]["target"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/neural_cleanse/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/neural_cleanse/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.tsv"
+    threads: config["resources"]["train_threads"]
+    resources:
+        gpu=1,
+        runtime=config["resources"]["train_runtime_min"],
+    conda:
+        "../envs/pmoe.yaml"
+    script:
+        "../workflow/scripts/neural_cleanse.py"
+
+
+rule detection_table:
+    """Neural Cleanse detection rates per trigger, rate and precision; reversed masks beside the real triggers."""
+    input:
+        summaries=lambda wc: nc_targets(wc.dataset),
+        masks=lambda wc: nc_mask_entries(wc.dataset)["masks"],
+        triggers=lambda wc: nc_mask_entries(wc.dataset)["triggers"],
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+    output:
+        csv=report(
+            f"{RESULTS}/tables/detection_{{dataset}}.csv",
+            caption="../reports/detection_table.rst",
+            category="Neural Cleanse",
+            subcategory="{dataset}",
+        ),
+        md=report(
+            f"{RESULTS}/tables/detection_{{dataset}}.md",
+            caption="../reports/detection_table.rst",
+            category="Neural Cleanse",
+            subcategory="{dataset}",
+        ),
+        tex=f"{RESULTS}/tables/detection_{{dataset}}.tex",
+        png=report(
+            f"{RESULTS}/figures/nc_masks_{{dataset}}.png",
+            caption="../reports/nc_masks.rst",
+            category="Neural Cleanse",
+            subcategory="{dataset}",
+        ),
+    params:
+        labels=lambda wc: nc_mask_entries(wc.dataset)["labels"],
+        masks=lambda wc: nc_mask_entries(wc.dataset)["masks"],
+        trigger_of_entry=lambda wc: nc_mask_entries(wc.dataset)["trigger_of_entry"],
+        target=config["attack"]["target"],
+    log:
+        f"{RESULTS}/logs/detection_table/{{dataset}}.log",
+    conda:
+        "../envs/pmoe.yaml"
+    script:
+        "../workflow/scripts/detection_table.py"

@@ -1,0 +1,142 @@
+"""Neural Cleanse (Wang et al., S&P 2019): trigger reverse-engineering and outlier detection.
+
+For every class, a mask m (32x32, in [0, 1]) and a pattern p (3x32x32, in [0, 1]) are optimised with Adam so
+that x' = (1 - m) x + m p is classified as that class, with a cost on the L1 norm of m. The cost follows the
+original schedule: it starts at 1e-3, is multiplied by 2 after ``patience`` consecutive epochs whose attack
+success reaches the threshold (0.98) and divided by 2^1.5 after ``patience`` epochs below it; optimisation stops
+early when the best mask norm has not improved for ``early_stop_patience`` epochs. The smallest mask reaching
+the threshold is kept. A class is an outlier when its norm lies at or below the median and its anomaly index
+|norm - median| / (1.4826 * MAD) exceeds 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .train import to_input
+
+MAD_CONSTANT = 1.4826
+
+
+@dataclass
+class NCConfig:
+    epochs: int = 20            # passes over the clean images per class (the budget)
+    batch_size: int = 32
+    lr: float = 0.1
+    init_cost: float = 1e-3
+    cost_up: float = 2.0
+    cost_down: float = 2.0 ** 1.5
+    attack_threshold: float = 0.98
+    patience: int = 2
+    early_stop_patience: int = 6
+    early_stop_threshold: float = 0.99  # a new best must be below this fraction of the old one
+    anomaly_threshold: float = 2.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "NCConfig":
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"neural_cleanse: unknown key(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+def reverse_engineer(model: nn.Module, x: torch.Tensor, target: int, cfg: NCConfig, seed: int = 0,
+                     device: torch.device | None = None) -> dict[str, Any]:
+    """Optimise a mask and pattern that send the uint8 images ``x`` to ``target``; return the best found."""
+    device = device or next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # tanh parameterisation keeps mask and pattern in [0, 1]
+    mask_param = (torch.rand(1, 1, 32, 32, generator=gen) * 0.2 - 0.1).to(device).requires_grad_()
+    pattern_param = (torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1).to(device).requires_grad_()
+    opt = torch.optim.Adam([mask_param, pattern_param], lr=cfg.lr, betas=(0.5, 0.9))
+    y = torch.full((cfg.batch_size,), target, dtype=torch.long, device=device)
+    cost, up, down = cfg.init_cost, 0, 0
+    best = {"l1": float("inf"), "mask": None, "pattern": None, "asr": 0.0}
+    since_best = 0
+    n = x.shape[0]
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        hits, seen = 0.0, 0
+        for start in range(0, n, cfg.batch_size):
+            xb = to_input(x[perm[start:start + cfg.batch_size]].to(device))
+            mask = torch.tanh(mask_param) / 2 + 0.5
+            pattern = torch.tanh(pattern_param) / 2 + 0.5
+            logits = model((1 - mask) * xb + mask * pattern)
+            yb = y[: xb.shape[0]]
+            loss = F.cross_entropy(logits, yb) + cost * mask.abs().sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            hits += float((logits.argmax(1) == yb).sum())
+            seen += xb.shape[0]
+        asr = hits / seen
+        with torch.no_grad():
+            mask = torch.tanh(mask_param) / 2 + 0.5
+            l1 = float(mask.sum())
+        if asr >= cfg.attack_threshold and l1 < best["l1"] * cfg.early_stop_threshold:
+            best = {"l1": l1, "mask": mask.detach().cpu()[0, 0],
+                    "pattern": (torch.tanh(pattern_param) / 2 + 0.5).detach().cpu()[0], "asr": asr}
+            since_best = 0
+        else:
+            since_best += 1
+        if asr >= cfg.attack_threshold:
+            up, down = up + 1, 0
+        else:
+            up, down = 0, down + 1
+        if up >= cfg.patience:
+            cost, up = cost * cfg.cost_up, 0
+        elif down >= cfg.patience:
+            cost, down = cost / cfg.cost_down, 0
+        if best["mask"] is not None and since_best >= cfg.early_stop_patience:
+            break
+    if best["mask"] is None:  # never reached the threshold: report the last mask (its norm is an upper bound)
+        with torch.no_grad():
+            best = {"l1": float((torch.tanh(mask_param) / 2 + 0.5).sum()),
+                    "mask": (torch.tanh(mask_param) / 2 + 0.5).detach().cpu()[0, 0],
+                    "pattern": (torch.tanh(pattern_param) / 2 + 0.5).detach().cpu()[0], "asr": asr}
+    best["epochs_run"] = epoch + 1
+    best["reached_threshold"] = best["asr"] >= cfg.attack_threshold
+    return best
+
+
+def anomaly_indices(norms: np.ndarray) -> np.ndarray:
+    """|norm - median| / (1.4826 * median absolute deviation) per class."""
+    norms = np.asarray(norms, dtype=np.float64)
+    med = np.median(norms)
+    mad = MAD_CONSTANT * np.median(np.abs(norms - med))
+    return np.abs(norms - med) / max(mad, 1e-12)
+
+
+def detect(norms: np.ndarray, classes: list[int], threshold: float = 2.0) -> dict[str, Any]:
+    """Flag the model if a class with a norm at or below the median has an anomaly index above ``threshold``."""
+    norms = np.asarray(norms, dtype=np.float64)
+    index = anomaly_indices(norms)
+    low = norms <= np.median(norms)
+    candidates = np.flatnonzero(low & (index > threshold))
+    flagged_class = int(classes[candidates[np.argmax(index[candidates])]]) if len(candidates) else None
+    return {"anomaly_index": index.tolist(), "flagged": bool(len(candidates)), "flagged_class": flagged_class,
+            "max_low_anomaly_index": float(index[low].max())}
+
+
+def neural_cleanse(model: nn.Module, x: torch.Tensor, classes: list[int], cfg: NCConfig, seed: int = 0,
+                   device: torch.device | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Run the reverse engineering for every class in ``classes``; return the detection and the masks."""
+    results, masks = [], {}
+    for c in classes:
+        r = reverse_engineer(model, x, c, cfg, seed=seed * 1000 + c, device=device)
+        results.append({"class": c, "l1": r["l1"], "asr": r["asr"], "epochs_run": r["epochs_run"],
+                        "reached_threshold": r["reached_threshold"]})
+        masks[f"mask_{c}"], masks[f"pattern_{c}"] = r["mask"], r["pattern"]
+    norms = np.array([r["l1"] for r in results])
+    summary = {"config": asdict(cfg), "classes": results, **detect(norms, classes, cfg.anomaly_threshold)}
+    return summary, masks
