@@ -70,7 +70,11 @@ def test_smoke_config_completes_with_every_output(smoke_run: Path):
     res = smoke_run / "results"
     for rel in ["tables/runs_synth.csv", "tables/attacks_synth.csv", "tables/attacks_synth.md",
                 "tables/attacks_synth.tex", "tables/fine_pruning.csv", "tables/fine_pruning.md",
-                "figures/asr_ba_vs_rate.png", "figures/prune_sweep.png"]:
+                "tables/routing_synth.md", "tables/precision_synth.md", "tables/detection_synth.md",
+                "figures/asr_ba_vs_rate.png", "figures/prune_sweep.png", "figures/trigger_examples_synth.png",
+                "figures/patch_maps_synth_pmoe.png", "figures/patch_values_synth_pmoe.png",
+                "figures/fineprune_patch_maps_synth_pmoe.png", "figures/routing_synth.png",
+                "figures/nc_masks_synth.png"]:
         assert (res / rel).stat().st_size > 0, rel
     cfg = yaml.safe_load(SMOKE.read_text())
     n_runs = cfg["seeds"]["clean"] + len(cfg["attack"]["triggers"]) * len(cfg["attack"]["rates"]) * cfg["seeds"]["attack"]
@@ -86,6 +90,14 @@ def test_smoke_config_completes_with_every_output(smoke_run: Path):
     table = (res / "tables" / "attacks_synth.md").read_text()
     for trigger in ("square", "blend", "warped"):
         assert f"| {trigger} |" in table
+    # both fine-tuning sets, every deployment precision of every model, Neural Cleanse at two precisions
+    fp = (res / "tables" / "fine_pruning.md").read_text()
+    assert "| authors |" in fp and "| clean |" in fp
+    deployed = [m for p in res.glob("synth/pmoe/*/seed*/deployed.json") for m in json.loads(p.read_text())]
+    assert len(deployed) == 3 * n_runs and {m["precision"] for m in deployed} == {"fp32", "int8", "int4"}
+    assert all(m["routing_change_clean"] == 0.0 for m in deployed if m["precision"] == "fp32")
+    nc = list(res.glob("synth/pmoe/*/seed0/neural_cleanse/*.json"))
+    assert len(nc) == 2 * (1 + len(cfg["attack"]["triggers"]) * len(cfg["neural_cleanse"]["rates"]))
 
 
 def test_second_run_has_nothing_to_do(smoke_run: Path):
@@ -98,7 +110,8 @@ def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path:
     plan = planned_jobs(snakemake(smoke_run, "-n", configfile=cfg))
     assert plan.get("fine_prune") == 4, plan  # 2 prune rates x 2 fine-tuning sets
     assert "train_model" not in plan and "evaluate" not in plan and "poison" not in plan, plan
-    assert set(plan) <= {"fine_prune", "fine_pruning_table", "fineprune_routing_maps", "all"}, plan
+    assert set(plan) <= {"fine_prune", "fine_pruning_table", "fineprune_routing_maps", "deploy_eval_fine_pruned",
+                         "precision_table", "all"}, plan
     weights = sorted((smoke_run / "results").glob("synth/pmoe/*/seed*/weights.safetensors"))  # trained models
     assert weights
     before = {p: p.stat().st_mtime_ns for p in weights}
@@ -129,7 +142,8 @@ def test_killed_training_leaves_no_complete_looking_output(tmp_path: Path):
     # a training long enough to be killed mid-way
     cfg = write_config(tmp_path / "slow.yaml", **{"train.epochs": 400, "seeds.clean": 1, "attack.rates": [10],
                                                   "attack.triggers": {"square": {"kind": "square"}},
-                                                  "fine_pruning.enabled": False, "fine_pruning.sweep": []})
+                                                  "fine_pruning.enabled": False, "fine_pruning.sweep": [],
+                                                  "neural_cleanse.enabled": False})
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile",
            str(cfg), "--cores", "1", "results/synth/pmoe/clean/seed0/weights.safetensors"]

@@ -60,7 +60,8 @@ def validate_arrays(arrays: dict[str, np.ndarray], origin: str) -> None:
         raise DatasetError(f"{origin}: missing array(s) {missing}; expected {list(required)}")
     classes = arrays["classes"]
     if classes.ndim != 1 or len(classes) < 2:
-        raise DatasetError(f"{origin}: 'classes' must be a 1-D array of at least 2 class names, got shape {classes.shape}")
+        raise DatasetError(f"{origin}: 'classes' must be a 1-D array of at least 2 class names, "
+                           f"got shape {classes.shape}")
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8:
@@ -70,7 +71,8 @@ def validate_arrays(arrays: dict[str, np.ndarray], origin: str) -> None:
         if y.dtype != np.int64:
             raise DatasetError(f"{origin}: 'y_{split}' must be int64 class indices, got {y.dtype}")
         if y.shape != (x.shape[0],):
-            raise DatasetError(f"{origin}: 'y_{split}' must have shape ({x.shape[0]},) to match 'x_{split}', got {y.shape}")
+            raise DatasetError(f"{origin}: 'y_{split}' must have shape ({x.shape[0]},) to match 'x_{split}', "
+                               f"got {y.shape}")
         if len(y) == 0:
             raise DatasetError(f"{origin}: the {split} split is empty")
         if y.min() < 0 or y.max() >= len(classes):

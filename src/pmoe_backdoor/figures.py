@@ -9,7 +9,6 @@ import pandas as pd
 
 from .io import atomic_path, read_json
 from .report import _pm, _savefig, write_latex, write_markdown
-from .routing import patch_sums
 
 
 def _plt():

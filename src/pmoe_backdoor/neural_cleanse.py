@@ -44,7 +44,11 @@ class NCConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"neural_cleanse: unknown key(s) {sorted(unknown)}")
-        return cls(**d)
+        cfg = cls(**d)
+        for name in ("epochs", "batch_size", "patience", "early_stop_patience"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"neural_cleanse.optimizer.{name} must be at least 1, got {getattr(cfg, name)}")
+        return cfg
 
 
 def reverse_engineer(model: nn.Module, x: torch.Tensor, target: int, cfg: NCConfig, seed: int = 0,
@@ -53,7 +57,8 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, target: int, cfg: NCConf
     device = device or next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     model.eval()
-    for p in model.parameters():
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # only the mask and pattern are optimised; restored before returning
         p.requires_grad_(False)
     # tanh parameterisation keeps mask and pattern in [0, 1]
     mask_param = (torch.rand(1, 1, 32, 32, generator=gen) * 0.2 - 0.1).to(device).requires_grad_()
@@ -106,6 +111,8 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, target: int, cfg: NCConf
                     "pattern": (torch.tanh(pattern_param) / 2 + 0.5).detach().cpu()[0], "asr": asr}
     best["epochs_run"] = epoch + 1
     best["reached_threshold"] = best["asr"] >= cfg.attack_threshold
+    for p in trainable:
+        p.requires_grad_(True)
     return best
 
 

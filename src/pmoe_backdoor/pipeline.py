@@ -22,10 +22,10 @@ import torch
 from . import data as data_mod
 from .evaluate import evaluate
 from .fineprune import channels_to_prune, expert_channel_means, prune_experts, remove_masks
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import load_tensors, save_tensors, write_json
 from .models import build_model
 from .poison import PoisonRecord, asr_set, make_poison
-from .train import Probe, TrainConfig, fit, record_routing, resolve_device, seed_everything
+from .train import Probe, TrainConfig, fit, resolve_device, seed_everything
 from .triggers import load_trigger, make_trigger
 
 
@@ -390,7 +390,8 @@ def deploy_eval_job(data_path: str, weights: str, precisions: list[str], out: st
         if is_pmoe:
             result["routing_change_clean"] = routing_change(ref_clean, routing_indices(qmodel, t["x_test"], device=dev))
             if x_asr is not None:
-                result["routing_change_triggered"] = routing_change(ref_trig, routing_indices(qmodel, x_asr, device=dev))
+                result["routing_change_triggered"] = routing_change(ref_trig,
+                                                                    routing_indices(qmodel, x_asr, device=dev))
         print(result)
         results.append(result)
     write_json(out, results)

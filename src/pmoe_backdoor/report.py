@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -163,7 +162,8 @@ def attack_figure(runs_csvs: Sequence[str], paper_csv: str | None, paper_names: 
                 ax.set_ylabel("%")
             ax.set_ylim(-3, 103)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), bbox_to_anchor=(0.5, -0.02 - 0.03 * len(datasets)))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
+               bbox_to_anchor=(0.5, -0.02 - 0.03 * len(datasets)))
     fig.tight_layout()
     _savefig(fig, out_png)
     plt.close(fig)
@@ -275,7 +275,8 @@ def precision_table(metric_paths: Sequence[str], out_csv: str, out_md: str, out_
         by = {r["precision"]: r for r in g.to_dict("records")}
         cell = lambda p, v, d=1: _pm(by[p][f"{v}_mean"], by[p][f"{v}_std"], d) if p in by else "–"  # noqa: E731
         body.append([key[0], key[1], key[2], key[3], "–" if key[3] == "clean" else f"{key[4]:g}",
-                     str(int(g.seeds.max()))] + [cell(p, "asr") for p in precisions] + [cell(p, "ba") for p in precisions]
+                     str(int(g.seeds.max()))]
+                    + [cell(p, "asr") for p in precisions] + [cell(p, "ba") for p in precisions]
                     + [cell(p, "routing_change_triggered" if key[3] != "clean" else "routing_change_clean")
                        for p in precisions if p != "fp32"])
     title = ("Models as deployed: ASR and BA (%) at each precision (int8: W8A8 per-channel symmetric weights, "

@@ -7,6 +7,7 @@ with log_to(snakemake.log[0]):
     with claim_device(snakemake.params.device) as device:
         fine_prune_job(snakemake.input.data, snakemake.input.weights, snakemake.input.poison,
                        snakemake.input.trigger, snakemake.output.metrics, snakemake.output.weights,
-                       float(w.prune), w.variant, dict(snakemake.params.fine_pruning), dict(snakemake.params.train), int(w.seed),
+                       float(w.prune), w.variant, dict(snakemake.params.fine_pruning),
+                       dict(snakemake.params.train), int(w.seed),
                        target=snakemake.params.target, device=device,
                        info={"dataset": w.dataset, "model": w.model, "attack": w.attack, "seed": int(w.seed)})
