@@ -1,0 +1,74 @@
+"""Job-level helpers of pmoe_backdoor.pipeline: device claims, logs, derived seeds, model files."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from pmoe_backdoor import pipeline
+from pmoe_backdoor.models import build_model
+
+
+def test_concurrent_jobs_claim_distinct_gpus(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pipeline.claim_device("auto", tmp_path) as first, pipeline.claim_device("auto", tmp_path) as second:
+        assert {first, second} == {"cuda:0", "cuda:1"}
+    # a third job waits until a device is released
+    got = []
+    with pipeline.claim_device("auto", tmp_path), pipeline.claim_device("auto", tmp_path):
+        waiter = threading.Thread(target=lambda: got.append(_claim_once(tmp_path)))
+        monkeypatch.setattr(pipeline.time, "sleep", lambda s: None)
+        waiter.start()
+        waiter.join(timeout=0.5)
+        assert got == [] and waiter.is_alive()
+    waiter.join(timeout=10)
+    assert got and got[0].startswith("cuda:")
+
+
+def _claim_once(lock_dir):
+    with pipeline.claim_device("auto", lock_dir) as dev:
+        return dev
+
+
+def test_explicit_or_cpu_device_is_not_locked(tmp_path):
+    with pipeline.claim_device("cpu", tmp_path) as dev:
+        assert dev == "cpu"
+    assert not list(tmp_path.iterdir())
+
+
+def test_log_to_keeps_output_and_traceback(tmp_path):
+    log = tmp_path / "job.log"
+    with pytest.raises(RuntimeError):
+        with pipeline.log_to(log):
+            print("working")
+            raise RuntimeError("the reason")
+    text = log.read_text()
+    assert "working" in text and "RuntimeError: the reason" in text
+
+
+def test_derived_seeds_are_independent_and_stable():
+    assert pipeline.derived_seed(0, "poison") == pipeline.derived_seed(0, "poison")
+    seeds = {pipeline.derived_seed(s, tag) for s in range(3) for tag in ("poison", "init", "shuffle")}
+    assert len(seeds) == 9
+
+
+def test_model_file_round_trip_without_pickle(tmp_path):
+    torch.manual_seed(0)
+    spec = {"arch": "pmoe", "widen_factor": 1}
+    model = build_model("pmoe", 10, widen_factor=1)
+    pipeline.save_model(model, spec, 10, str(tmp_path / "w.safetensors"))
+    loaded, meta = pipeline.load_model(str(tmp_path / "w.safetensors"))
+    assert meta["model"] == spec and meta["num_classes"] == 10
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_load_model_rejects_a_file_that_is_not_a_model(tmp_path):
+    from pmoe_backdoor.io import save_tensors
+
+    save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(1)})
+    with pytest.raises(ValueError, match="not a pmoe-backdoor model file"):
+        pipeline.load_model(str(tmp_path / "x.safetensors"))
