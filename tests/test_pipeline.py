@@ -72,3 +72,18 @@ def test_load_model_rejects_a_file_that_is_not_a_model(tmp_path):
     save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(1)})
     with pytest.raises(ValueError, match="not a pmoe-backdoor model file"):
         pipeline.load_model(str(tmp_path / "x.safetensors"))
+
+
+def test_offline_download_names_the_dataset_and_the_way_out(monkeypatch, tmp_path):
+    import urllib.error
+
+    import torchvision
+
+    from pmoe_backdoor.data import DatasetError, load_source
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DatasetError, match=r"'cifar10'.*source: npz"):
+        load_source({"source": "torchvision", "name": "cifar10", "root": str(tmp_path)})

@@ -192,7 +192,13 @@ def load_source(spec: dict[str, Any]) -> Dataset:
     """Load a dataset from a config block: ``{source: torchvision|npz|synthetic, ...}`` plus optional subset."""
     source = spec.get("source")
     if source == "torchvision":
-        ds = load_torchvision(spec["name"], spec.get("root", "data/raw"), download=spec.get("download", True))
+        try:
+            ds = load_torchvision(spec["name"], spec.get("root", "data/raw"), download=spec.get("download", True))
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises RuntimeError offline
+            raise DatasetError(
+                f"torchvision source {spec['name']!r}: could not download or read it under "
+                f"{spec.get('root', 'data/raw')} ({type(exc).__name__}: {exc}). Without network access, point the "
+                "dataset at a prepared npz (source: npz, path: ...), e.g. config/cpu.yaml") from exc
     elif source == "npz":
         if "path" not in spec:
             raise DatasetError("npz source: the key 'path' (the npz file) is required")
