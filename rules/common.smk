@@ -11,6 +11,13 @@ def fmt_rate(rate):
     return f"{float(rate):g}"
 
 
+def check_rates(cfg, rates, where):
+    attack_rates = [float(r) for r in cfg["attack"]["rates"]]
+    for rate in rates:
+        if float(rate) not in attack_rates:
+            raise ValueError(f"config: {where} has {rate}, which is not one of attack.rates {attack_rates}")
+
+
 def check_config(cfg):
     """Cross-field checks the JSON schema cannot express; fail before any job starts."""
     names = {"datasets": cfg["datasets"], "models": cfg["models"], "triggers": cfg["attack"]["triggers"]}
@@ -22,8 +29,7 @@ def check_config(cfg):
                 )
     analysis = cfg.get("analysis")
     if analysis is not None:
-        if float(analysis["rate"]) not in [float(r) for r in cfg["attack"]["rates"]]:
-            raise ValueError(f"config: analysis.rate {analysis['rate']} is not one of attack.rates")
+        check_rates(cfg, [analysis["rate"]], "analysis.rate")
         if analysis["seed"] >= min(cfg["seeds"]["clean"], cfg["seeds"]["attack"]):
             raise ValueError(f"config: analysis.seed {analysis['seed']} has no run (seeds start at 0)")
         for name in analysis.get("classes_by_dataset", {}):
@@ -31,9 +37,7 @@ def check_config(cfg):
                 raise ValueError(f"config: analysis.classes_by_dataset names {name!r}, not in 'datasets'")
     nc = cfg.get("neural_cleanse", {})
     if nc.get("enabled", False):
-        for rate in nc["rates"]:
-            if float(rate) not in [float(r) for r in cfg["attack"]["rates"]]:
-                raise ValueError(f"config: neural_cleanse.rates has {rate}, not in attack.rates")
+        check_rates(cfg, nc["rates"], "neural_cleanse.rates")
     fp = cfg.get("fine_pruning", {})
     if fp.get("enabled", False):
         for key, pool in (("datasets", "datasets"), ("models", "models")):
@@ -43,9 +47,7 @@ def check_config(cfg):
         for trig in fp["triggers"]:
             if trig not in cfg["attack"]["triggers"]:
                 raise ValueError(f"config: fine_pruning.triggers names {trig!r}, not in attack.triggers")
-        for rate in fp["poison_rates"]:
-            if float(rate) not in [float(r) for r in cfg["attack"]["rates"]]:
-                raise ValueError(f"config: fine_pruning.poison_rates has {rate}, not in attack.rates")
+        check_rates(cfg, fp["poison_rates"], "fine_pruning.poison_rates")
         for model in fp["models"]:
             if cfg["models"][model]["arch"] != "pmoe":
                 raise ValueError(f"config: fine_pruning.models names {model!r}: Fine-Pruning needs arch 'pmoe'")
