@@ -22,6 +22,13 @@ def _plt():
     return plt
 
 
+def _title_and_layout(fig, title: str, fontsize: int = 11) -> None:
+    """A suptitle with room kept for it: plain tight_layout would let it overlap the first row."""
+    lines = title.count("\n") + 1
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.25 + 0.2 * lines) / fig.get_figheight()))
+
+
 def patch_map_figure(maps_json: str, out_png: str, title: str) -> None:
     """One row per (model, image): the input image, each expert's 8x8 map of routed positions, and how many
     experts receive each position."""
@@ -47,8 +54,7 @@ def patch_map_figure(maps_json: str, out_png: str, title: str) -> None:
         ax.set_title("experts per patch", fontsize=9)
         ax.tick_params(labelsize=7)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, ticks=range(n_exp + 1))
-    fig.suptitle(title + "\n(blue: the 16 patch positions routed to the expert; row = 8r + column)", fontsize=11)
-    fig.tight_layout()
+    _title_and_layout(fig, title + "\n(blue: the 16 patch positions routed to the expert; position = 8 x row + column)")
     _savefig(fig, out_png)
     plt.close(fig)
 
@@ -72,8 +78,7 @@ def patch_value_figure(maps_json: str, out_png: str, title: str) -> None:
             ax.set_xlabel("patch value (sum of 48 values in [0,1])", fontsize=8)
             if e == 0:
                 ax.set_ylabel("frequency")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    _title_and_layout(fig, title)
     _savefig(fig, out_png)
     plt.close(fig)
 
@@ -98,8 +103,7 @@ def trigger_examples_figure(images: np.ndarray, labels: Sequence[str], triggered
     for ax in axes.ravel():  # ticks off, frame kept: a difference image's white edge stays visible
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    _title_and_layout(fig, title)
     _savefig(fig, out_png)
     plt.close(fig)
 
@@ -190,8 +194,7 @@ def nc_mask_figure(entries: Sequence[tuple[str, str, np.ndarray | None]], target
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    _title_and_layout(fig, title, fontsize=10)
     _savefig(fig, out_png)
     plt.close(fig)
 
