@@ -87,3 +87,26 @@ def test_offline_download_names_the_dataset_and_the_way_out(monkeypatch, tmp_pat
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(DatasetError, match=r"'cifar10'.*source: npz"):
         load_source({"source": "torchvision", "name": "cifar10", "root": str(tmp_path)})
+
+
+def test_compile_failure_falls_back_to_eager_training(monkeypatch):
+    import io
+
+    from pmoe_backdoor.data import make_synthetic
+    from pmoe_backdoor.train import TrainConfig, fit
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda model: Broken())
+    ds = make_synthetic(num_classes=3, n_train=64, n_test=16, seed=0)
+    torch.manual_seed(0)
+    model = build_model("pmoe", 3, widen_factor=1)
+    before = model.head.fc.weight.detach().clone()
+    log = io.StringIO()
+    cfg = TrainConfig(epochs=1, batch_size=32, compile=True, progress_seconds=0)
+    history = fit(model, torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train), cfg,
+                  device=torch.device("cpu"), log=log)
+    assert "torch.compile failed" in log.getvalue()
+    assert len(history["epochs"]) == 1 and not torch.equal(before, model.head.fc.weight)
