@@ -8,10 +8,11 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-# the paper's study by default; --configfile replaces it (instead of being merged into it)
+# the paper's study by default (found beside this Snakefile, whatever the working directory); --configfile
+# replaces it instead of being merged into it
 if not workflow.config_settings.configfiles:
 
-    configfile: "config/config.yaml"
+    configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 validate(config, "config/schema.yaml")

@@ -162,3 +162,10 @@ def test_killed_training_leaves_no_complete_looking_output(tmp_path: Path):
     plan = planned_jobs(snakemake(work, "-n", "results/synth/pmoe/clean/seed0/weights.safetensors",
                                   configfile=cfg))
     assert plan.get("train_model") == 1, plan
+
+
+def test_paper_config_is_the_default_and_plans_170_trainings(tmp_path: Path):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--cores", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert planned_jobs(proc)["train_model"] == 170
