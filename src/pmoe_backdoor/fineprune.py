@@ -9,7 +9,6 @@ fine-tuned. ``mask=True`` keeps the pruned channels at zero during fine-tuning (
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from .models import PMoENet
 from .train import autocast, to_input
@@ -69,7 +68,3 @@ def remove_masks(model: PMoENet) -> None:
     for name in ("weight", "bias"):
         if prune.is_pruned(model.moe.expert_conv) and hasattr(model.moe.expert_conv, f"{name}_mask"):
             prune.remove(model.moe.expert_conv, name)
-
-
-def is_pmoe(model: nn.Module) -> bool:
-    return isinstance(model, PMoENet)

@@ -51,9 +51,6 @@ class Trigger:
     def save(self, path: str | os.PathLike) -> None:
         save_tensors(path, self.tensors(), {"kind": self.kind, "params": self.params()})
 
-    def to(self, device: torch.device | str) -> "Trigger":
-        return self
-
 
 @dataclass
 class SquareTrigger(Trigger):
@@ -90,9 +87,6 @@ class BlendTrigger(Trigger):
 
     def params(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "source": self.source}
-
-    def to(self, device):
-        return BlendTrigger(self.image.to(device), self.alpha, self.source)
 
 
 def blend_pattern(seed: int) -> torch.Tensor:
@@ -188,9 +182,6 @@ class WarpTrigger(Trigger):
 
     def params(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "k": self.k, "s": self.s, "grid_rescale": self.grid_rescale, "seed": self.seed}
-
-    def to(self, device):
-        return WarpTrigger(self.grid.to(device), self.sampler, self.k, self.s, self.grid_rescale, self.seed)
 
 
 TRIGGER_KINDS = ("square", "blend", "warp")
