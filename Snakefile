@@ -3,9 +3,18 @@
 #   snakemake --profile profiles/slurm         (a SLURM cluster, one GPU per training job)
 #   snakemake --report reports/report.html     (the report, after a run)
 
+import os
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# the rules and every job's script use the pmoe_backdoor of this workflow's own src/ (so a conda environment or a
+# cluster node needs no installed copy); jobs inherit the environment, hence PYTHONPATH
+SRC = f"{workflow.basedir}/src"
+sys.path.insert(0, SRC)
+os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p))
 
 
 # the paper's study by default (found beside this Snakefile, whatever the working directory); --configfile

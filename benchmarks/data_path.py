@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from _common import parser, setup, timed
 
 from pmoe_backdoor.models import build_model
-from pmoe_backdoor.train import to_input
+from pmoe_backdoor.runtime import to_input
 
 
 class PerSampleDataset(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ from _common import parser, setup, timed
 
 from pmoe_backdoor.evaluate import predict_logits
 from pmoe_backdoor.models import build_model
-from pmoe_backdoor.train import effective_precision
+from pmoe_backdoor.runtime import effective_precision
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ from _common import matmul_peak, parser, setup, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from pmoe_backdoor.models import build_model
-from pmoe_backdoor.train import TrainConfig, autocast, effective_precision, fit, to_input
+from pmoe_backdoor.runtime import autocast, effective_precision, to_input
+from pmoe_backdoor.train import TrainConfig, fit
 
 
 def step_flops(model, x, y) -> int:

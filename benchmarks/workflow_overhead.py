@@ -44,8 +44,8 @@ def main() -> None:
         # a job's fixed start-up: a fresh interpreter importing the library and loading a prepared dataset
         data = REPO.parent / "shared/data/cifar10-subset.npz"
         data = data if data.is_file() else Path(tmp) / "results/data/synth.npz"
-        code = ("import sys; sys.path.insert(0, %r); from pmoe_backdoor.pipeline import load_dataset_tensors; "
-                "load_dataset_tensors(%r)" % (str(REPO / "src"), str(data)))
+        code = ("import sys; sys.path.insert(0, %r); from pmoe_backdoor.jobs.common import JobData; "
+                "JobData.open(%r, 'cpu')" % (str(REPO / "src"), str(data)))
         starts = []
         for _ in range(3):
             t0 = time.perf_counter()

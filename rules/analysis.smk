@@ -24,7 +24,7 @@ rule trigger_examples:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/trigger_examples.py"
+        "../workflow/scripts/analysis/trigger_examples.py"
 
 
 rule routing_maps:
@@ -56,7 +56,7 @@ rule routing_maps:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/routing_maps.py"
+        "../workflow/scripts/analysis/routing_maps.py"
 
 
 rule fineprune_routing_maps:
@@ -80,7 +80,7 @@ rule fineprune_routing_maps:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/fineprune_routing_maps.py"
+        "../workflow/scripts/analysis/fineprune_routing_maps.py"
 
 
 rule routing_stats:
@@ -101,7 +101,7 @@ rule routing_stats:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/routing_stats.py"
+        "../workflow/scripts/analysis/routing_stats.py"
 
 
 rule routing_table:
@@ -128,4 +128,4 @@ rule routing_table:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/routing_table.py"
+        "../workflow/scripts/analysis/routing_table.py"

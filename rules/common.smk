@@ -2,13 +2,10 @@
 
 import re
 
+from pmoe_backdoor.naming import attack_name, fmt_rate, parse_attack
+
 
 RESULTS = "results"
-
-
-def fmt_rate(rate):
-    """A poisoning rate (percent) as it appears in paths: 0.1 -> '0.1', 2.0 -> '2'."""
-    return f"{float(rate):g}"
 
 
 def check_rates(cfg, rates, where):
@@ -35,11 +32,11 @@ def check_config(cfg):
         for name in analysis.get("classes_by_dataset", {}):
             if name not in cfg["datasets"]:
                 raise ValueError(f"config: analysis.classes_by_dataset names {name!r}, not in 'datasets'")
-    nc = cfg.get("neural_cleanse", {})
-    if nc.get("enabled", False):
+    nc = cfg["neural_cleanse"]
+    if nc["enabled"]:
         check_rates(cfg, nc["rates"], "neural_cleanse.rates")
-    fp = cfg.get("fine_pruning", {})
-    if fp.get("enabled", False):
+    fp = cfg["fine_pruning"]
+    if fp["enabled"]:
         for key, pool in (("datasets", "datasets"), ("models", "models")):
             for name in fp[key]:
                 if name not in cfg[pool]:
@@ -64,10 +61,11 @@ MODELS = list(config["models"])
 PMOE_MODELS = [m for m in MODELS if config["models"][m]["arch"] == "pmoe"]
 TRIGGERS = list(config["attack"]["triggers"])
 RATES = [fmt_rate(r) for r in config["attack"]["rates"]]
-ATTACKS = [f"{t}-{r}" for t in TRIGGERS for r in RATES]
-FP = config.get("fine_pruning", {"enabled": False})
-DEPLOY = config.get("deployment", {"precisions": []})
-NC = config.get("neural_cleanse", {"enabled": False})
+ATTACKS = [attack_name(t, r) for t in TRIGGERS for r in RATES]
+# optional blocks: the schema fills in their defaults (disabled), so every rule reads them the same way
+FP = config["fine_pruning"]
+DEPLOY = config["deployment"]
+NC = config["neural_cleanse"]
 # the Fine-Pruning keys one fine_prune job depends on (the others only choose which jobs exist)
 FP_JOB_KEYS = ("epochs", "lr", "activation_images", "mask")
 
@@ -110,23 +108,17 @@ def run_dirs(datasets=None):
     ]
 
 
-def split_attack(attack):
-    trigger, rate = attack.rsplit("-", 1)
-    return trigger, rate
-
-
 def trigger_file(wildcards):
     if wildcards.attack == "clean":
         return []
-    trigger, _ = split_attack(wildcards.attack)
+    trigger, _ = parse_attack(wildcards.attack)
     return f"{RESULTS}/{wildcards.dataset}/triggers/{trigger}/seed{wildcards.seed}.safetensors"
 
 
 def poison_file(wildcards):
     if wildcards.attack == "clean":
         return []
-    trigger, rate = split_attack(wildcards.attack)
-    return f"{RESULTS}/{wildcards.dataset}/poison/{trigger}-{rate}/seed{wildcards.seed}.safetensors"
+    return f"{RESULTS}/{wildcards.dataset}/poison/{wildcards.attack}/seed{wildcards.seed}.safetensors"
 
 
 def trigger_params(trigger):
@@ -134,11 +126,16 @@ def trigger_params(trigger):
     return params.pop("kind"), params
 
 
+def paper_names():
+    """Each dataset's name in the paper's tables (its own name unless the config says otherwise)."""
+    return {d: spec.get("paper_name", d) for d, spec in config["datasets"].items()}
+
+
 def fine_prune_runs():
-    if not FP.get("enabled", False):
+    if not FP["enabled"]:
         return []
     return [
-        f"{RESULTS}/{d}/{m}/{t}-{fmt_rate(r)}/seed{s}"
+        f"{RESULTS}/{d}/{m}/{attack_name(t, r)}/seed{s}"
         for d in FP["datasets"]
         for m in FP["models"]
         for t in FP["triggers"]
@@ -157,7 +154,7 @@ def fine_prune_targets():
 
 
 def prune_sweep_targets():
-    if not FP.get("sweep"):
+    if not FP.get("sweep"):  # optional: no sweep unless rates are listed
         return []
     return [f"{run}/prune_sweep.json" for run in fine_prune_runs()]
 
@@ -165,7 +162,7 @@ def prune_sweep_targets():
 def report_targets():
     targets = [f"{RESULTS}/tables/runs_{d}.csv" for d in DATASETS] + [f"{RESULTS}/figures/asr_ba_vs_rate.png"]
     targets += [f"{RESULTS}/tables/attacks_{d}.{ext}" for d in DATASETS for ext in ("csv", "md", "tex")]
-    if FP.get("enabled", False):
+    if FP["enabled"]:
         targets += [f"{RESULTS}/tables/fine_pruning.{ext}" for ext in ("csv", "md", "tex")]
         if FP.get("sweep"):
             targets.append(f"{RESULTS}/figures/prune_sweep.png")
@@ -182,7 +179,7 @@ def analysis_targets():
         if PMOE_MODELS and any(t["kind"] == "square" for t in config["attack"]["triggers"].values()):
             targets += [f"{RESULTS}/tables/routing_{d}.{ext}" for ext in ("csv", "md", "tex")]
             targets.append(f"{RESULTS}/figures/routing_{d}.png")
-    if FP.get("enabled", False):
+    if FP["enabled"]:
         targets += [f"{RESULTS}/figures/fineprune_patch_maps_{d}_{m}.png" for d in FP["datasets"] for m in FP["models"]]
     return targets
 
@@ -200,9 +197,9 @@ def deploy_targets(dataset):
 
 
 def nc_runs(dataset):
-    if not NC.get("enabled", False):
+    if not NC["enabled"]:
         return []
-    attacks = ["clean"] + [f"{t}-{fmt_rate(r)}" for t in TRIGGERS for r in NC["rates"]]
+    attacks = ["clean"] + [attack_name(t, r) for t in TRIGGERS for r in NC["rates"]]
     return [
         (f"{RESULTS}/{dataset}/{m}/{a}/seed{s}", a, s)
         for m in MODELS
@@ -219,9 +216,9 @@ def nc_mask_entries(dataset):
     """Seed-0 models at the first Neural Cleanse rate, clean and per trigger, at each precision, for the figure."""
     entries = {"masks": [], "trigger_of_entry": [], "labels": []}
     for run, attack, seed in nc_runs(dataset):
-        if seed != 0 or (attack != "clean" and not attack.endswith(f"-{fmt_rate(NC['rates'][0])}")):
+        if seed != 0 or (attack != "clean" and parse_attack(attack)[1] != float(NC["rates"][0])):
             continue
-        trigger = "" if attack == "clean" else split_attack(attack)[0]
+        trigger = "" if attack == "clean" else parse_attack(attack)[0]
         for p in NC["precisions"]:
             entries["masks"].append(f"{run}/neural_cleanse/{p}.safetensors")
             entries["trigger_of_entry"].append(
@@ -237,7 +234,7 @@ def beyond_targets():
     for d in DATASETS:
         if DEPLOY["precisions"]:
             targets += [f"{RESULTS}/tables/precision_{d}.{ext}" for ext in ("csv", "md", "tex")]
-        if NC.get("enabled", False):
+        if NC["enabled"]:
             targets += [f"{RESULTS}/tables/detection_{d}.{ext}" for ext in ("csv", "md", "tex")]
             targets.append(f"{RESULTS}/figures/nc_masks_{d}.png")
     return targets
@@ -245,10 +242,6 @@ def beyond_targets():
 
 def all_targets():
     return report_targets() + analysis_targets() + beyond_targets()
-
-
-def train_resources():
-    return config["resources"]
 
 
 # ----- routing analysis -----
@@ -265,7 +258,7 @@ def analysis_models(wildcards):
     models = {"clean": {"weights": f"{base}/clean/seed{seed}/weights.safetensors", "trigger": None}}
     for trig in TRIGGERS:
         models[f"{trig} {rate} %"] = {
-            "weights": f"{base}/{trig}-{rate}/seed{seed}/weights.safetensors",
+            "weights": f"{base}/{attack_name(trig, rate)}/seed{seed}/weights.safetensors",
             "trigger": f"{RESULTS}/{wildcards.dataset}/triggers/{trig}/seed{seed}.safetensors",
         }
     return models
@@ -274,7 +267,7 @@ def analysis_models(wildcards):
 def fineprune_models(wildcards):
     """The backdoored model before Fine-Pruning and after it, at each pruning rate (first fine-tuning set)."""
     seed, trig, rate = config["analysis"]["seed"], FP["triggers"][0], fmt_rate(FP["poison_rates"][0])
-    run = f"{RESULTS}/{wildcards.dataset}/{wildcards.model}/{trig}-{rate}/seed{seed}"
+    run = f"{RESULTS}/{wildcards.dataset}/{wildcards.model}/{attack_name(trig, rate)}/seed{seed}"
     trigger = f"{RESULTS}/{wildcards.dataset}/triggers/{trig}/seed{seed}.safetensors"
     models = {f"{trig} {rate} % before": {"weights": f"{run}/weights.safetensors", "trigger": trigger}}
     for p in FP["prune_rates"]:
@@ -295,14 +288,14 @@ def square_triggers():
 
 def routing_stats_triggers(wildcards):
     """Square triggers to analyse: the run's own for a square attack, every square trigger for a clean run."""
-    names = square_triggers() if wildcards.attack == "clean" else [split_attack(wildcards.attack)[0]]
+    names = square_triggers() if wildcards.attack == "clean" else [parse_attack(wildcards.attack)[0]]
     return {
         n: f"{RESULTS}/{wildcards.dataset}/triggers/{n}/seed{wildcards.seed}.safetensors" for n in names
     }
 
 
 def routing_stats_targets(dataset):
-    attacks = ["clean"] + [f"{t}-{r}" for t in square_triggers() for r in RATES]
+    attacks = ["clean"] + [attack_name(t, r) for t in square_triggers() for r in RATES]
     return [
         f"{RESULTS}/{dataset}/{m}/{a}/seed{s}/routing_stats.json"
         for m in PMOE_MODELS

@@ -12,4 +12,4 @@ rule prepare_data:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/prepare_data.py"
+        "../workflow/scripts/data/prepare_data.py"

@@ -10,10 +10,11 @@ rule fine_prune:
         metrics=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/metrics.json",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/weights.safetensors",
     params:
-        fine_pruning=canonical({k: FP[k] for k in FP_JOB_KEYS if k in FP}),
+        fine_pruning=canonical({k: FP[k] for k in FP_JOB_KEYS}),
         train=canonical(config["train"]),
         target=config["attack"]["target"],
         device=config["device"],
+        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
     log:
         f"{RESULTS}/logs/fine_prune/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{variant}}/{{prune}}.log",
     benchmark:
@@ -26,7 +27,7 @@ rule fine_prune:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/fine_prune.py"
+        "../workflow/scripts/defense/fine_prune.py"
 
 
 rule prune_sweep:
@@ -39,10 +40,9 @@ rule prune_sweep:
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/prune_sweep.json",
     params:
-        rates=FP.get("sweep", []),
-        fine_pruning=canonical(
-            {"activation_images": FP.get("activation_images"), "activation_data": FP.get("finetune_data", ["authors"])[0]}
-        ),
+        rates=FP["sweep"],
+        activation_images=FP["activation_images"],
+        activation_data=FP["finetune_data"][0],
         target=config["attack"]["target"],
         device=config["device"],
     log:
@@ -53,4 +53,4 @@ rule prune_sweep:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/prune_sweep.py"
+        "../workflow/scripts/defense/prune_sweep.py"

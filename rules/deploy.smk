@@ -11,8 +11,9 @@ rule deploy_eval:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/deployed.json",
     params:
         precisions=DEPLOY["precisions"],
-        calibration=config.get("deployment", {}).get("calibration_images", 512),
+        calibration=DEPLOY["calibration_images"],
         target=config["attack"]["target"],
+        batch_size=config["evaluation"]["batch_size"],
         device=config["device"],
     log:
         f"{RESULTS}/logs/deploy_eval/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
@@ -22,7 +23,7 @@ rule deploy_eval:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/deploy_eval.py"
+        "../workflow/scripts/deploy/deploy_eval.py"
 
 
 use rule deploy_eval as deploy_eval_fine_pruned with:
@@ -59,7 +60,7 @@ rule precision_table:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/precision_table.py"
+        "../workflow/scripts/deploy/precision_table.py"
 
 
 rule neural_cleanse:
@@ -71,12 +72,13 @@ rule neural_cleanse:
         summary=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.json",
         masks=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.safetensors",
     params:
-        optimizer=canonical(NC.get("optimizer", {})),
-        classes=NC.get("classes"),
-        images=NC.get("images", 200),
-        calibration=config.get("deployment", {}).get("calibration_images", 512),
+        optimizer=canonical(NC["optimizer"]),
+        classes=NC["classes"],
+        images=NC["images"],
+        calibration=DEPLOY["calibration_images"],
         target=config["attack"]["target"],
         device=config["device"],
+        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
     log:
         f"{RESULTS}/logs/neural_cleanse/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.log",
     benchmark:
@@ -88,7 +90,7 @@ rule neural_cleanse:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/neural_cleanse.py"
+        "../workflow/scripts/deploy/neural_cleanse.py"
 
 
 rule detection_table:
@@ -128,4 +130,4 @@ rule detection_table:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/detection_table.py"
+        "../workflow/scripts/deploy/detection_table.py"

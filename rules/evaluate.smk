@@ -18,4 +18,4 @@ rule evaluate:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/evaluate.py"
+        "../workflow/scripts/evaluate/evaluate.py"

@@ -13,7 +13,7 @@ rule make_trigger:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/make_trigger.py"
+        "../workflow/scripts/poison/make_trigger.py"
 
 
 rule poison:
@@ -33,4 +33,4 @@ rule poison:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/poison.py"
+        "../workflow/scripts/poison/poison.py"

@@ -13,7 +13,7 @@ rule aggregate_runs:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/aggregate_runs.py"
+        "../workflow/scripts/report/aggregate_runs.py"
 
 
 rule attack_table:
@@ -36,13 +36,13 @@ rule attack_table:
         ),
         tex=f"{RESULTS}/tables/attacks_{{dataset}}.tex",
     params:
-        paper_name=lambda wc: config["datasets"][wc.dataset].get("paper_name", wc.dataset),
+        paper_name=lambda wc: paper_names()[wc.dataset],
     log:
         f"{RESULTS}/logs/attack_table/{{dataset}}.log",
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/attack_table.py"
+        "../workflow/scripts/report/attack_table.py"
 
 
 rule attack_figure:
@@ -57,13 +57,13 @@ rule attack_figure:
             category="Attack figures",
         ),
     params:
-        paper_names={d: spec.get("paper_name", d) for d, spec in config["datasets"].items()},
+        paper_names=paper_names(),
     log:
         f"{RESULTS}/logs/attack_figure.log",
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/attack_figure.py"
+        "../workflow/scripts/report/attack_figure.py"
 
 
 rule fine_pruning_table:
@@ -84,13 +84,13 @@ rule fine_pruning_table:
         ),
         tex=f"{RESULTS}/tables/fine_pruning.tex",
     params:
-        paper_names={d: spec.get("paper_name", d) for d, spec in config["datasets"].items()},
+        paper_names=paper_names(),
     log:
         f"{RESULTS}/logs/fine_pruning_table.log",
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/fine_pruning_table.py"
+        "../workflow/scripts/report/fine_pruning_table.py"
 
 
 rule prune_sweep_figure:
@@ -108,4 +108,4 @@ rule prune_sweep_figure:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/prune_sweep_figure.py"
+        "../workflow/scripts/report/prune_sweep_figure.py"

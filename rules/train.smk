@@ -11,6 +11,7 @@ rule train_model:
         model=lambda wc: canonical(config["models"][wc.model]),
         train=canonical(config["train"]),
         device=config["device"],
+        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
         probes=config["routing_probes"],
     log:
         f"{RESULTS}/logs/train_model/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
@@ -24,4 +25,4 @@ rule train_model:
     conda:
         "../envs/pmoe.yaml"
     script:
-        "../workflow/scripts/train_model.py"
+        "../workflow/scripts/train/train_model.py"

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.fineprune and pipeline.fineprune_data against spec section 5 (Fine-Pruning)."""
+"""Tests of pmoe_backdoor.fineprune and jobs.defense.fineprune_data against spec section 5 (Fine-Pruning)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 from pmoe_backdoor.fineprune import channels_to_prune, expert_channel_means, prune_experts, remove_masks
+from pmoe_backdoor.jobs.defense import fineprune_data
 from pmoe_backdoor.models import build_model
-from pmoe_backdoor.pipeline import fineprune_data
 from pmoe_backdoor.poison import make_poison
-from pmoe_backdoor.train import to_input
+from pmoe_backdoor.runtime import to_input
 from pmoe_backdoor.triggers import make_trigger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,7 +186,7 @@ def test_prune_with_mask_keeps_zeros_through_steps_and_remove_masks():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# pipeline.fineprune_data
+# jobs.defense.fineprune_data
 # ----------------------------------------------------------------------------------------------------------
 
 N = 40
@@ -210,7 +210,7 @@ def _record(t, kind: str):
 
 def test_fineprune_data_authors_square_has_triggered_images_with_true_labels(train_set):
     trig, rec = _record(train_set, "square")
-    x_ft, y_ft, _ = fineprune_data(train_set, rec, "square", "authors", 10, seed=0)
+    x_ft, y_ft, _ = fineprune_data(train_set["x_train"], train_set["y_train"], rec, "square", "authors", 10, seed=0)
     idx = rec.indices
     assert torch.equal(x_ft[idx], trig.apply(train_set["x_train"][idx]))
     assert not torch.equal(x_ft[idx], train_set["x_train"][idx])
@@ -223,7 +223,7 @@ def test_fineprune_data_authors_square_has_triggered_images_with_true_labels(tra
 def test_fineprune_data_does_not_modify_the_input(train_set):
     x0 = train_set["x_train"].clone()
     _, rec = _record(train_set, "square")
-    fineprune_data(train_set, rec, "square", "authors", 10, seed=0)
+    fineprune_data(train_set["x_train"], train_set["y_train"], rec, "square", "authors", 10, seed=0)
     assert torch.equal(train_set["x_train"], x0)
 
 
@@ -231,7 +231,7 @@ def test_fineprune_data_does_not_modify_the_input(train_set):
                                        ("warp", "authors")])
 def test_fineprune_data_clean_set(train_set, kind, data):
     _, rec = _record(train_set, kind)
-    x_ft, y_ft, _ = fineprune_data(train_set, rec, kind, data, 10, seed=0)
+    x_ft, y_ft, _ = fineprune_data(train_set["x_train"], train_set["y_train"], rec, kind, data, 10, seed=0)
     assert torch.equal(x_ft, train_set["x_train"])
     assert torch.equal(y_ft, train_set["y_train"])
 
@@ -239,25 +239,25 @@ def test_fineprune_data_clean_set(train_set, kind, data):
 def test_fineprune_data_rejects_unknown_name(train_set):
     _, rec = _record(train_set, "square")
     with pytest.raises(ValueError, match="finetune_data"):
-        fineprune_data(train_set, rec, "square", "poisoned", 10, seed=0)
+        fineprune_data(train_set["x_train"], train_set["y_train"], rec, "square", "poisoned", 10, seed=0)
 
 
 def test_fineprune_data_activation_images_counted_and_seeded(train_set):
     _, rec = _record(train_set, "square")
-    x_ft, _, act = fineprune_data(train_set, rec, "square", "authors", 12, seed=0)
+    x_ft, _, act = fineprune_data(train_set["x_train"], train_set["y_train"], rec, "square", "authors", 12, seed=0)
     assert act.shape == (12, 32, 32, 3) and act.dtype == torch.uint8
     ids = act[:, 31, 31, 0].long()
     assert len(set(ids.tolist())) == 12  # distinct training images, without replacement
     assert torch.equal(act, x_ft[ids])  # taken from the fine-tuning array (triggered ones included)
     assert ids.tolist() != list(range(12))  # shuffled, not the first 12
 
-    _, _, again = fineprune_data(train_set, rec, "square", "authors", 12, seed=0)
+    _, _, again = fineprune_data(train_set["x_train"], train_set["y_train"], rec, "square", "authors", 12, seed=0)
     assert torch.equal(act, again)
-    _, _, other = fineprune_data(train_set, rec, "square", "authors", 12, seed=1)
+    _, _, other = fineprune_data(train_set["x_train"], train_set["y_train"], rec, "square", "authors", 12, seed=1)
     assert not torch.equal(act, other)
 
-    _, _, five = fineprune_data(train_set, rec, "square", "authors", 5, seed=0)
+    _, _, five = fineprune_data(train_set["x_train"], train_set["y_train"], rec, "square", "authors", 5, seed=0)
     assert torch.equal(five, act[:5])  # a prefix of the same seeded order
-    _, _, all_ = fineprune_data(train_set, rec, "square", "authors", 10_000, seed=0)
+    _, _, all_ = fineprune_data(train_set["x_train"], train_set["y_train"], rec, "square", "authors", 10_000, seed=0)
     assert all_.shape[0] == N
     assert sorted(all_[:, 31, 31, 0].tolist()) == list(range(N))

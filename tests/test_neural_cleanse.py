@@ -111,7 +111,7 @@ def dark_corner_images() -> torch.Tensor:
 
 
 def test_corner_model_premise(dark_corner_images):
-    from pmoe_backdoor.train import to_input
+    from pmoe_backdoor.runtime import to_input
 
     m = CornerModel()
     with torch.no_grad():

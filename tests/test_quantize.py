@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from pmoe_backdoor.models import build_model
 from pmoe_backdoor.quantize import quantize_model, quantize_weight, routing_change
-from pmoe_backdoor.train import to_input
+from pmoe_backdoor.runtime import to_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

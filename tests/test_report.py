@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.report (tables) and the figure writers, on small hand-made metrics files."""
+"""Tests of pmoe_backdoor.summaries (tables) and the figure writers, on small hand-made metrics files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pmoe_backdoor.figures import attack_figure
 from pmoe_backdoor.io import write_json
-from pmoe_backdoor.report import (
-    attack_figure,
+from pmoe_backdoor.summaries import (
     attack_table,
     collect_runs,
     detection_table,

@@ -8,7 +8,7 @@ import torch
 
 from pmoe_backdoor.models import build_model
 from pmoe_backdoor.routing import patch_grid, patch_sums, routing_indices, trigger_patch_stats, trigger_positions
-from pmoe_backdoor.train import to_input
+from pmoe_backdoor.runtime import to_input
 from pmoe_backdoor.triggers import SquareTrigger, make_trigger
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,8 @@ from pmoe_backdoor.data import make_synthetic
 from pmoe_backdoor.evaluate import evaluate, predict_logits
 from pmoe_backdoor.models import build_model
 from pmoe_backdoor.poison import asr_set
-from pmoe_backdoor.train import Probe, TrainConfig, fit, recalibrate_bn, record_routing, seed_everything, to_input
+from pmoe_backdoor.runtime import seed_everything, to_input
+from pmoe_backdoor.train import Probe, TrainConfig, fit, recalibrate_bn, record_routing
 from pmoe_backdoor.triggers import make_trigger
 
 CPU = torch.device("cpu")

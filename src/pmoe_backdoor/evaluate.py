@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .train import autocast, resolve_device, to_input
+from .runtime import autocast, resolve_device, to_input
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device | None = None, batch_size: int = 1000,

@@ -1,14 +1,16 @@
-"""Routing figures (the paper's Figures 2-6) and the routing-statistics table."""
+"""The study's figures: ASR/BA against the poisoning rate, the pruning sweep, the routing figures (the paper's
+Figures 2-6), routing statistics and Neural Cleanse's reversed masks."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from .io import atomic_path, read_json
-from .report import _pm, _savefig, write_latex, write_markdown
+from .naming import parse_attack
 
 
 def _plt():
@@ -22,11 +24,88 @@ def _plt():
     return plt
 
 
+def _savefig(fig, path: str) -> None:
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format=Path(path).suffix.lstrip("."))
+
+
 def _title_and_layout(fig, title: str, fontsize: int = 11) -> None:
     """A suptitle with room kept for it: plain tight_layout would let it overlap the first row."""
     lines = title.count("\n") + 1
     fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.25 + 0.2 * lines) / fig.get_figheight()))
+
+
+def attack_figure(runs_csvs: Sequence[str], paper_csv: str | None, paper_names: dict[str, str], out_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    runs = pd.concat([pd.read_csv(p) for p in runs_csvs], ignore_index=True)
+    paper = pd.read_csv(paper_csv) if paper_csv and Path(paper_csv).is_file() else None
+    attacks = runs[runs.trigger != "clean"]
+    datasets, triggers = sorted(runs.dataset.unique()), sorted(attacks.trigger.unique())
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(len(datasets), max(len(triggers), 1), squeeze=False,
+                             figsize=(4.2 * max(len(triggers), 1), 3.4 * len(datasets)), sharey=True)
+    palette = sns.color_palette("deep")
+    for i, ds in enumerate(datasets):
+        for j, trig in enumerate(triggers):
+            ax = axes[i, j]
+            sub = attacks[(attacks.dataset == ds) & (attacks.trigger == trig)]
+            for k, (model, g) in enumerate(sub.groupby("model")):
+                stats = g.groupby("rate").agg(asr=("asr", "mean"), asr_sd=("asr", "std"),
+                                              ba=("ba", "mean"), ba_sd=("ba", "std")).reset_index()
+                ax.errorbar(stats.rate, stats.asr, yerr=stats.asr_sd.fillna(0), marker="o", color=palette[k],
+                            label=f"{model} ASR", capsize=3)
+                ax.errorbar(stats.rate, stats.ba, yerr=stats.ba_sd.fillna(0), marker="s", ls="--",
+                            color=palette[k], label=f"{model} BA", capsize=3, alpha=0.8)
+            if paper is not None:
+                pp = paper[(paper.dataset == paper_names.get(ds, ds)) & (paper.trigger == trig)]
+                if len(pp):
+                    ax.plot(pp.poison_rate_percent, pp.asr, "k^", mfc="none", label="paper ASR")
+                    ax.plot(pp.poison_rate_percent, pp.ba, "kv", mfc="none", label="paper BA")
+            ax.set_xscale("log")
+            ax.set_title(f"{ds} · {trig}")
+            ax.set_xlabel("poisoning rate (% of training set, log scale)")
+            if j == 0:
+                ax.set_ylabel("%")
+            ax.set_ylim(-3, 103)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
+               bbox_to_anchor=(0.5, -0.02 - 0.03 * len(datasets)))
+    fig.tight_layout()
+    _savefig(fig, out_png)
+    plt.close(fig)
+
+
+def prune_sweep_figure(sweep_paths: Sequence[str], out_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    df = pd.DataFrame([row for p in sweep_paths for row in read_json(p)])
+    sns.set_theme(style="whitegrid", context="notebook")
+    groups = list(df.groupby(["dataset", "model", "attack"]))
+    fig, axes = plt.subplots(1, len(groups), squeeze=False, figsize=(5 * len(groups), 3.6))
+    for ax, ((ds, model, attack), g) in zip(axes[0], groups):
+        stats = g.groupby("prune_rate").agg(ca=("ca", "mean"), ca_sd=("ca", "std"), asr=("asr", "mean"),
+                                            asr_sd=("asr", "std")).reset_index()
+        ax.errorbar(stats.prune_rate, stats.asr, yerr=stats.asr_sd.fillna(0), marker="o", label="ASR", capsize=3)
+        ax.errorbar(stats.prune_rate, stats.ca, yerr=stats.ca_sd.fillna(0), marker="s", ls="--", label="CA",
+                    capsize=3)
+        ax.set_title(f"{ds} · {model} · {attack} ({g.seed.nunique()} runs)")
+        ax.set_xlabel("channels pruned per expert (%), before fine-tuning")
+        ax.set_ylabel("%")
+        ax.set_ylim(-3, 103)
+        ax.legend()
+    fig.tight_layout()
+    _savefig(fig, out_png)
+    plt.close(fig)
 
 
 def patch_map_figure(maps_json: str, out_png: str, title: str) -> None:
@@ -108,45 +187,10 @@ def trigger_examples_figure(images: np.ndarray, labels: Sequence[str], triggered
     plt.close(fig)
 
 
-def routing_stats_table(stat_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str) -> pd.DataFrame:
-    """Per dataset, model, attack and square trigger: mean ± std over seeds of how often the trigger patch
-    reaches the experts, on triggered and on untriggered test images."""
-    recs = []
-    for p in stat_paths:
-        m = read_json(p)
-        for trig, s in m["triggers"].items():
-            for images in ("triggered", "untriggered"):
-                st = s[images]
-                recs.append({"dataset": m["dataset"], "model": m["model"], "attack": m["attack"], "seed": m["seed"],
-                             "trigger": trig, "images": images, "reached_fraction": 100 * st["reached_fraction"],
-                             "mean_experts": st["mean_experts"],
-                             **{f"expert{e + 1}": 100 * v for e, v in enumerate(st["per_expert_fraction"])}})
-    df = pd.DataFrame(recs)
-    value_cols = ["reached_fraction", "mean_experts"] + [c for c in df.columns if c.startswith("expert")]
-    summary = df.groupby(["dataset", "model", "trigger", "attack", "images"], sort=True).agg(
-        seeds=("seed", "count"), **{f"{c}_mean": (c, "mean") for c in value_cols},
-        **{f"{c}_std": (c, "std") for c in value_cols}).reset_index()
-    with atomic_path(out_csv) as tmp:
-        summary.to_csv(tmp, index=False)
-    experts = [c for c in value_cols if c.startswith("expert")]
-    header = ["Dataset", "Model", "Trigger", "Model trained on", "Images", "Seeds", "Patch reaches ≥1 expert %",
-              "Experts receiving it"] + [f"E{c[6:]} %" for c in experts]
-    body = [[r["dataset"], r["model"], r["trigger"], r["attack"], r["images"], str(r["seeds"]),
-             _pm(r["reached_fraction_mean"], r["reached_fraction_std"]),
-             _pm(r["mean_experts_mean"], r["mean_experts_std"], 2)]
-            + [_pm(r[f"{c}_mean"], r[f"{c}_std"]) for c in experts] for r in summary.to_dict("records")]
-    title = ("Routing of the square trigger's patch over the non-target test set: share of images whose trigger "
-             "patch reaches at least one expert, the mean number of experts receiving it, and per expert the share "
-             "of images; mean ± std over seeds")
-    write_markdown(out_md, header, body, title)
-    write_latex(out_tex, header, body, title)
-    return summary
-
-
 def routing_stats_figure(summary_csv: str, out_png: str) -> None:
     plt = _plt()
     df = pd.read_csv(summary_csv)
-    df["rate"] = [0.0 if a == "clean" else float(a.rsplit("-", 1)[1]) for a in df.attack]
+    df["rate"] = [parse_attack(a)[1] for a in df.attack]
     groups = list(df.groupby(["dataset", "model", "trigger"]))
     fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.4 * len(groups)), squeeze=False)
     for (ds, model, trig), g in groups:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .models import PMoENet
-from .train import autocast, to_input
+from .runtime import autocast, to_input
 
 
 @torch.inference_mode()

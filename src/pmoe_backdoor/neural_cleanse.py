@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .train import to_input
+from .runtime import to_input
 
 MAD_CONSTANT = 1.4826
 

@@ -21,7 +21,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .train import to_input
+from .runtime import to_input
 
 DEPLOY_PRECISIONS = ("fp32", "int8", "int4")
 

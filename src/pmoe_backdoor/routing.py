@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .train import to_input
+from .runtime import to_input
 from .triggers import SquareTrigger, Trigger
 
 GRID = 8

@@ -9,18 +9,16 @@ every epoch.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PRECISIONS = ("fp32", "bf16")
+from .runtime import PRECISIONS, autocast, effective_precision, resolve_device, to_input
 
 
 @dataclass
@@ -65,58 +63,6 @@ class TrainConfig:
             raise ValueError("training config: 'nesterov' needs a positive 'momentum'")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an explicit name is checked for availability."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use 'auto' or 'cpu'")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {name!r} requested but MPS is not available; use 'auto' or 'cpu'")
-    return dev
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def effective_precision(device: torch.device, precision: str) -> str:
-    """bf16 autocast only where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
-    if precision != "bf16":
-        return "fp32"
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_bf16() else "fp32"
-    return "bf16" if device.type == "mps" else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_input(xb: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """uint8 (B, 32, 32, 3) -> float (B, 3, 32, 32) in [0, 1]; the permute of NHWC data *is* channels_last."""
-    x = xb.permute(0, 3, 1, 2).float().div_(255.0)
-    return x if channels_last else x.contiguous()
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def prepare_model(model: nn.Module, device: torch.device, cfg: TrainConfig) -> nn.Module:
     model = model.to(device)
     if cfg.channels_last:
@@ -148,8 +94,7 @@ def _log_line(stream: TextIO | None, msg: str) -> None:
 
 def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TrainConfig,
         x_test: torch.Tensor | None = None, y_test: torch.Tensor | None = None, probe: Probe | None = None,
-        device: torch.device | None = None, log: TextIO | None | str = "stderr",
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+        device: torch.device | None = None, log: TextIO | None | str = "stderr") -> dict[str, Any]:
     """Train ``model`` in place; return the history (per-epoch metrics, routing of the probe images).
 
     ``x_*`` are uint8 (N, 32, 32, 3) tensors, ``y_*`` int64. The same seed on the same CPU gives the same
@@ -219,8 +164,6 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: Tra
         _log_line(log, "epoch {epoch}/{total}: loss {train_loss:.4f} acc {train_acc:.4f} ".format(
             total=cfg.epochs, **row) + (f"test_acc {row['test_acc']:.4f} " if "test_acc" in row else "")
             + f"({row['images_per_s']:.0f} img/s, {train_seconds:.1f} s)")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
     return history
 
 

@@ -1,0 +1,33 @@
+"""Poison stage: the trigger of a run, and the poisoned training indices with their triggered images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..data import load_npz
+from ..poison import make_poison
+from ..runtime import derived_seed
+from ..triggers import load_trigger, make_trigger
+
+
+def trigger_seed(kind: str, trigger_seed: int, run_seed: int) -> int:
+    """The warp grid is drawn anew for every run (the authors drew one per notebook session); the other
+    triggers are the same for every run, from the config's ``attack.trigger_seed``."""
+    return derived_seed(run_seed, "warp") if kind == "warp" else derived_seed(trigger_seed, "blend")
+
+
+def make_trigger_file(kind: str, params: dict[str, Any], seed: int, out: str) -> None:
+    trig = make_trigger(kind, params, seed=seed)
+    trig.save(out)
+    print(f"trigger {kind} {trig.params()}")
+
+
+def make_poison_file(data_path: str, trigger_path: str, rate_percent: float, seed: int, target: int,
+                     exclude_target: bool, out: str) -> None:
+    ds = load_npz(data_path)
+    if not 0 <= target < ds.num_classes:
+        raise ValueError(f"attack.target {target} is not a class of {data_path} ({ds.num_classes} classes)")
+    rec = make_poison(ds.x_train, ds.y_train, load_trigger(trigger_path), rate_percent,
+                      derived_seed(seed, "poison"), target, exclude_target)
+    rec.save(out)
+    print(f"poisoned {len(rec.indices)} of {len(ds.y_train)} training images ({rate_percent} %), target {target}")

@@ -1,0 +1,152 @@
+"""Every job function of pmoe_backdoor.jobs on a small synthetic study: data, trigger, poison, a trained model,
+then each job that reads them (the same chain the Snakefile runs, without Snakemake)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pmoe_backdoor.checkpoint import load_model
+from pmoe_backdoor.jobs.analysis import routing_maps_job, routing_stats_job, trigger_examples_job
+from pmoe_backdoor.jobs.common import JobData, RunId
+from pmoe_backdoor.jobs.data import prepare_data
+from pmoe_backdoor.jobs.defense import fine_prune_job, prune_sweep_job
+from pmoe_backdoor.jobs.deploy import deploy_eval_job, neural_cleanse_job
+from pmoe_backdoor.jobs.evaluate import evaluate_job
+from pmoe_backdoor.jobs.poison import make_poison_file, make_trigger_file, trigger_seed
+from pmoe_backdoor.jobs.train import train_job
+from pmoe_backdoor.poison import PoisonRecord
+
+MODEL = {"arch": "pmoe", "widen_factor": 1, "num_experts": 4, "top_k": 16, "bn_momentum": 0.1}
+TRAIN = {"epochs": 1, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "progress_seconds": 0}
+RUN = RunId("synth", "pmoe", "square-10", 0)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict[str, str]:
+    """data -> square trigger -> 10 % poison -> one trained model (one epoch, width 1)."""
+    d = tmp_path_factory.mktemp("study")
+    paths = {k: str(d / name) for k, name in (("data", "synth.npz"), ("trigger", "square.safetensors"),
+                                               ("poison", "poison.safetensors"), ("weights", "w.safetensors"),
+                                               ("history", "history.json"))}
+    prepare_data({"source": "synthetic", "num_classes": 4, "n_train": 192, "n_test": 64, "seed": 0}, paths["data"])
+    make_trigger_file("square", {"size": 4}, trigger_seed("square", 0, RUN.seed), paths["trigger"])
+    make_poison_file(paths["data"], paths["trigger"], 10, RUN.seed, target=0, exclude_target=False,
+                     out=paths["poison"])
+    train_job(paths["data"], MODEL, TRAIN, RUN.seed, paths["weights"], paths["history"], paths["poison"],
+              paths["trigger"], device="cpu", probes=2)
+    return paths
+
+
+def test_prepare_data_writes_the_canonical_npz(study):
+    job = JobData.open(study["data"], "cpu")
+    assert job.x_train.shape == (192, 32, 32, 3) and job.x_train.dtype == torch.uint8
+    assert job.num_classes == 4 and job.device == torch.device("cpu")
+
+
+def test_poison_job_stores_int_rate_times_n_indices(study):
+    rec = PoisonRecord.load(study["poison"])
+    assert len(rec.indices) == int(0.10 * 192) and rec.target == 0
+
+
+def test_trigger_seed_draws_a_new_warp_grid_per_run_but_one_blend_pattern():
+    assert trigger_seed("warp", 0, 1) != trigger_seed("warp", 0, 2)
+    assert trigger_seed("blend", 0, 1) == trigger_seed("blend", 0, 2)
+
+
+def test_train_job_writes_weights_and_history(study):
+    model, meta = load_model(study["weights"])
+    assert meta["model"] == MODEL and meta["seed"] == RUN.seed
+    history = json.loads(Path(study["history"]).read_text())
+    assert len(history["epochs"]) == 1 and "test_acc" in history["epochs"][0]
+    assert len(history["probe_names"]) == 4  # 2 probes and their triggered copies
+    assert history["seed"] == RUN.seed
+
+
+def test_train_job_is_reproducible_on_cpu(study, tmp_path):
+    again = tmp_path / "w.safetensors"
+    train_job(study["data"], MODEL, TRAIN, RUN.seed, str(again), str(tmp_path / "h.json"), study["poison"],
+              study["trigger"], device="cpu", probes=0)
+    a, _ = load_model(study["weights"])
+    b, _ = load_model(again)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_evaluate_job_reports_ba_asr_and_the_run(study, tmp_path):
+    out = tmp_path / "metrics.json"
+    m = evaluate_job(study["data"], study["weights"], str(out), study["trigger"], 0, 32, "cpu", RUN)
+    assert json.loads(out.read_text()) == m
+    assert 0 <= m["ba"] <= 100 and 0 <= m["asr"] <= 100 and m["n_asr"] == 48  # the non-target test images
+    assert {k: m[k] for k in ("dataset", "model", "attack", "seed")} == RUN.as_dict()
+
+
+def test_evaluate_job_without_trigger_has_no_asr(study, tmp_path):
+    m = evaluate_job(study["data"], study["weights"], str(tmp_path / "m.json"), None, 0, 32, "cpu", RUN)
+    assert "asr" not in m
+
+
+def test_fine_prune_job_measures_three_stages_and_saves_weights(study, tmp_path):
+    fp = {"epochs": 1, "lr": 0.05, "activation_images": 64, "mask": False}
+    r = fine_prune_job(study["data"], study["weights"], study["poison"], study["trigger"], str(tmp_path / "m.json"),
+                       str(tmp_path / "w.safetensors"), 30.0, "authors", fp, TRAIN, 0, "cpu", RUN)
+    assert set(r["before"]) == {"ca", "asr"} and len(r["finetune_history"]) == 1
+    _, meta = load_model(tmp_path / "w.safetensors")
+    assert meta["fine_pruned"] == 30.0
+    pruned = r["pruned_channels"]
+    assert len(pruned) == 4 and all(len(p) == len(pruned[0]) > 0 for p in pruned)
+
+
+def test_prune_sweep_job_zero_rate_equals_the_model(study, tmp_path):
+    rows = prune_sweep_job(study["data"], study["weights"], study["trigger"], study["poison"],
+                           str(tmp_path / "s.json"), [0.0, 90.0], "authors", 64, 0, "cpu", RUN)
+    m = evaluate_job(study["data"], study["weights"], str(tmp_path / "m.json"), study["trigger"], 0, 32, "cpu", RUN)
+    assert [r["prune_rate"] for r in rows] == [0.0, 90.0]
+    assert rows[0]["ca"] == pytest.approx(m["ba"]) and rows[0]["asr"] == pytest.approx(m["asr"])
+
+
+def test_routing_stats_job_counts_the_trigger_patch(study, tmp_path):
+    r = routing_stats_job(study["data"], study["weights"], {"square": study["trigger"]}, str(tmp_path / "r.json"),
+                          0, "cpu", RUN)
+    stats = r["triggers"]["square"]
+    assert stats["positions"] == [0]
+    for images in ("triggered", "untriggered"):
+        assert 0.0 <= stats[images]["reached_fraction"] <= 1.0
+
+
+def test_routing_maps_job_and_trigger_examples(study, tmp_path):
+    models = {"clean": {"weights": study["weights"], "trigger": None},
+              "square": {"weights": study["weights"], "trigger": study["trigger"]}}
+    r = routing_maps_job(study["data"], models, [1, 2], str(tmp_path / "maps.json"), "cpu")
+    assert len(r["rows"]) == 4 and np.array(r["rows"][0]["maps"]).shape == (4, 8, 8)
+    assert [row["triggered"] for row in r["rows"]] == [False, False, True, True]
+    out = tmp_path / "examples.png"
+    trigger_examples_job(study["data"], {"square": study["trigger"]}, [1, 2], str(out), "triggers")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="class 9 has no test image"):
+        routing_maps_job(study["data"], models, [9], str(tmp_path / "x.json"), "cpu")
+
+
+def test_deploy_eval_job_at_each_precision(study, tmp_path):
+    rows = deploy_eval_job(study["data"], study["weights"], ["fp32", "int8", "int4"], str(tmp_path / "d.json"),
+                           study["trigger"], 32, 0, 32, "cpu", RUN, fine_pruned="authors 30 %")
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "int4"]
+    assert rows[0]["routing_change_clean"] == 0.0 and rows[0]["routing_change_triggered"] == 0.0
+    assert rows[1]["calibration_images"] == 32 and rows[2]["calibration_images"] == 0
+    assert all(r["fine_pruned"] == "authors 30 %" and r["seed"] == RUN.seed for r in rows)
+
+
+def test_neural_cleanse_job_writes_summary_and_masks(study, tmp_path):
+    from pmoe_backdoor.io import load_tensors
+
+    s = neural_cleanse_job(study["data"], study["weights"], "fp32", str(tmp_path / "nc.json"),
+                           str(tmp_path / "nc.safetensors"), {"epochs": 1, "batch_size": 16}, 2, 32, 32, 0, "cpu",
+                           RUN)
+    assert s["images"] == 32 and len(s["classes"]) == 2 and s["precision"] == "fp32"
+    masks, meta = load_tensors(tmp_path / "nc.safetensors")
+    assert meta["classes"] == [0, 1] and masks["mask_0"].shape == (32, 32)

@@ -1,0 +1,9 @@
+from pmoe_backdoor.jobs.analysis import patch_map_figure, routing_maps_job
+from pmoe_backdoor.runtime import log_to
+
+with log_to(snakemake.log[0]):
+    w = snakemake.wildcards
+    routing_maps_job(snakemake.input.data, dict(snakemake.params.models), list(snakemake.params.classes),
+                     snakemake.output.json, device=snakemake.params.device)
+    patch_map_figure(snakemake.output.json, snakemake.output.maps,
+                     f"Patch routing before and after Fine-Pruning: {w.dataset}, {w.model}")
