@@ -9,5 +9,5 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
-.venv/bin/python -m pip install --quiet -e '.[workflow,test]'
+.venv/bin/python -m pip install --quiet -e '.[workflow,test,slurm]'
 echo "setup.sh: installed into .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -2,6 +2,9 @@
 
 import re
 
+from snakemake.exceptions import WorkflowError
+
+from pmoe_backdoor.config_check import check_fine_pruning_seeds, fine_prune_seed
 from pmoe_backdoor.naming import attack_name, fmt_rate, parse_attack
 
 
@@ -48,13 +51,22 @@ def check_config(cfg):
         for model in fp["models"]:
             if cfg["models"][model]["arch"] != "pmoe":
                 raise ValueError(f"config: fine_pruning.models names {model!r}: Fine-Pruning needs arch 'pmoe'")
-        if fp["runs"] > cfg["seeds"]["attack"]:
-            raise ValueError(
-                f"config: fine_pruning.runs ({fp['runs']}) exceeds seeds.attack ({cfg['seeds']['attack']})"
-            )
+        check_fine_pruning_seeds(fp, cfg["seeds"]["attack"])
+
+
+def check_cluster_account():
+    """profiles/slurm ships a placeholder account: stop with a clear message before anything is submitted."""
+    defaults = workflow.resource_settings.default_resources
+    account = defaults.get("slurm_account") if hasattr(defaults, "get") else None
+    if account is not None and str(account.raw) == "CHANGE_ME":
+        raise WorkflowError(
+            "profiles/slurm: slurm_account is still the placeholder CHANGE_ME; set default-resources: "
+            "slurm_account in profiles/slurm/config.yaml to your allocation (sacctmgr show assoc user=$USER)"
+        )
 
 
 check_config(config)
+check_cluster_account()
 
 DATASETS = list(config["datasets"])
 MODELS = list(config["models"])
@@ -131,25 +143,34 @@ def paper_names():
     return {d: spec.get("paper_name", d) for d, spec in config["datasets"].items()}
 
 
-def fine_prune_runs():
+def fp_seed(run, rate_index):
+    """The attack seed Fine-Pruning run ``run`` prunes at its ``rate_index``-th prune rate (model_per_rate)."""
+    return fine_prune_seed(run, rate_index, len(FP["prune_rates"]), FP.get("model_per_rate", "shared"))
+
+
+def fine_prune_jobs():
+    """(trained model's run directory, prune rate) of every Fine-Pruning job, before the fine-tuning set."""
     if not FP["enabled"]:
         return []
     return [
-        f"{RESULTS}/{d}/{m}/{attack_name(t, r)}/seed{s}"
+        (f"{RESULTS}/{d}/{m}/{attack_name(t, r)}/seed{fp_seed(run, j)}", p)
         for d in FP["datasets"]
         for m in FP["models"]
         for t in FP["triggers"]
         for r in FP["poison_rates"]
-        for s in range(FP["runs"])
+        for run in range(FP["runs"])
+        for j, p in enumerate(FP["prune_rates"])
     ]
+
+
+def fine_prune_runs():
+    """The trained models Fine-Pruning starts from, each once."""
+    return list(dict.fromkeys(run for run, _ in fine_prune_jobs()))
 
 
 def fine_prune_targets():
     return [
-        f"{run}/fineprune/{v}/{fmt_rate(p)}/metrics.json"
-        for run in fine_prune_runs()
-        for v in FP["finetune_data"]
-        for p in FP["prune_rates"]
+        f"{run}/fineprune/{v}/{fmt_rate(p)}/metrics.json" for run, p in fine_prune_jobs() for v in FP["finetune_data"]
     ]
 
 
@@ -188,10 +209,9 @@ def deploy_targets(dataset):
     """Every trained and every Fine-Pruned model of a dataset at every deployment precision."""
     runs = [r for r in run_dirs([dataset])] + [
         f"{run}/fineprune/{v}/{fmt_rate(p)}"
-        for run in fine_prune_runs()
+        for run, p in fine_prune_jobs()
         if run.startswith(f"{RESULTS}/{dataset}/")
         for v in FP["finetune_data"]
-        for p in FP["prune_rates"]
     ]
     return [f"{run}/deployed.json" for run in runs] if DEPLOY["precisions"] else []
 
@@ -265,14 +285,20 @@ def analysis_models(wildcards):
 
 
 def fineprune_models(wildcards):
-    """The backdoored model before Fine-Pruning and after it, at each pruning rate (first fine-tuning set)."""
-    seed, trig, rate = config["analysis"]["seed"], FP["triggers"][0], fmt_rate(FP["poison_rates"][0])
-    run = f"{RESULTS}/{wildcards.dataset}/{wildcards.model}/{attack_name(trig, rate)}/seed{seed}"
-    trigger = f"{RESULTS}/{wildcards.dataset}/triggers/{trig}/seed{seed}.safetensors"
-    models = {f"{trig} {rate} % before": {"weights": f"{run}/weights.safetensors", "trigger": trigger}}
-    for p in FP["prune_rates"]:
+    """The backdoored model before Fine-Pruning and after it, at each pruning rate (first fine-tuning set), for
+    Fine-Pruning run analysis.seed; with model_per_rate 'fresh', each rate's own model before it."""
+    run, trig, rate = config["analysis"]["seed"], FP["triggers"][0], fmt_rate(FP["poison_rates"][0])
+    base = f"{RESULTS}/{wildcards.dataset}/{wildcards.model}/{attack_name(trig, rate)}"
+    fresh = FP.get("model_per_rate", "shared") == "fresh"
+    models = {}
+    for j, p in enumerate(FP["prune_rates"]):
+        seed = fp_seed(run, j)
+        trigger = f"{RESULTS}/{wildcards.dataset}/triggers/{trig}/seed{seed}.safetensors"
+        if j == 0 or fresh:
+            label = f"{trig} {rate} % before" + (f" (seed {seed})" if fresh else "")
+            models[label] = {"weights": f"{base}/seed{seed}/weights.safetensors", "trigger": trigger}
         models[f"after FP {fmt_rate(p)} %"] = {
-            "weights": f"{run}/fineprune/{FP['finetune_data'][0]}/{fmt_rate(p)}/weights.safetensors",
+            "weights": f"{base}/seed{seed}/fineprune/{FP['finetune_data'][0]}/{fmt_rate(p)}/weights.safetensors",
             "trigger": trigger,
         }
     return models
