@@ -1,7 +1,10 @@
-"""Tests of pmoe_backdoor.data: canonical arrays, npz validation, subsets, torchvision sources."""
+"""Tests of pmoe_backdoor.data: canonical arrays, npz validation, subsets, torchvision sources, image folders;
+and of pmoe_backdoor.datafiles: content digests and config-relative paths."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,15 @@ from pmoe_backdoor.data import (
     make_synthetic,
     stratified_subset,
 )
+from pmoe_backdoor.datafiles import (
+    defining_layer,
+    file_digest,
+    folder_digest,
+    resolve_config_path,
+    scan_image_folder,
+    source_digest,
+)
+from pmoe_backdoor.imagefolder import load_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,12 +150,32 @@ def test_load_npz_missing_file(tmp_path):
     assert "nothere.npz" in str(info.value)
 
 
-def test_load_npz_not_an_npz(tmp_path):
-    path = tmp_path / "notes.npz"
-    path.write_text("this is not a zip archive\n")
-    with pytest.raises(DatasetError, match="not a readable npz") as info:
+def test_load_npz_not_an_npz(tmp_path, monkeypatch):
+    # a text file renamed .npz: numpy would call it pickled data to be loaded unsafely
+    (tmp_path / "notes.npz").write_text("this is not a zip archive\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match="not an npz file") as info:
+        load_npz("notes.npz")
+    message = str(info.value)
+    assert message.startswith(f"{(tmp_path / 'notes.npz').resolve()}: not an npz file (")
+    assert "pickle" not in message and "unsafe" not in message
+
+
+def test_load_npz_single_npy_array_named_npz(tmp_path):
+    path = tmp_path / "array.npz"
+    with open(path, "wb") as fh:
+        np.save(fh, np.zeros(3))
+    with pytest.raises(DatasetError, match=r"not an npz file \(a single \.npy array"):
         load_npz(path)
-    assert "notes.npz" in str(info.value)
+
+
+def test_load_npz_broken_zip(tmp_path):
+    good = _write(tmp_path / "good.npz", _arrays())
+    path = tmp_path / "truncated.npz"
+    path.write_bytes(good.read_bytes()[:200])  # zip magic, but no central directory
+    with pytest.raises(DatasetError, match="not a readable npz file") as info:
+        load_npz(path)
+    assert str(path.resolve()) in str(info.value)
 
 
 def test_load_npz_object_array_is_not_unpickled(tmp_path):
@@ -151,8 +183,20 @@ def test_load_npz_object_array_is_not_unpickled(tmp_path):
     arrays["classes"] = np.asarray(["a", "b", "c"], dtype=object)
     path = tmp_path / "pickled.npz"
     np.savez(path, **arrays)  # object arrays are stored with pickle
-    with pytest.raises(DatasetError, match="pickled.npz"):
+    with pytest.raises(DatasetError, match="array 'classes' holds Python objects") as info:
         load_npz(path)
+    assert str(path.resolve()) in str(info.value)
+
+
+def test_load_npz_relative_path_errors_are_absolute(tmp_path, monkeypatch):
+    _write(tmp_path / "three.npz", _arrays(num_classes=3))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError) as info:
+        load_npz("three.npz", num_classes=5)
+    assert str(info.value).startswith(f"{(tmp_path / 'three.npz').resolve()}: expected 5 classes")
+    with pytest.raises(DatasetError) as info:
+        load_npz("nothere.npz")
+    assert str(info.value).startswith(f"{(tmp_path / 'nothere.npz').resolve()}: no such file")
 
 
 def test_load_npz_num_classes_mismatch(tmp_path):
@@ -333,6 +377,250 @@ def test_load_torchvision_cifar10_with_fake(monkeypatch, tmp_path):
 def test_load_torchvision_unknown_name(tmp_path):
     with pytest.raises(DatasetError, match="mnist"):
         load_torchvision("mnist", tmp_path, download=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# content digests and config-relative paths (pmoe_backdoor.datafiles)
+# ----------------------------------------------------------------------------------------------------------
+
+def _replace_keeping_mtime(path: Path, content: bytes) -> None:
+    """Rewrite a file's bytes and put its old modification time back (what a copy with `cp -p` or an
+    unpacked archive does): only a content digest notices."""
+    st = path.stat()
+    path.write_bytes(content)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_file_digest_is_the_sha256_and_follows_a_replaced_file(tmp_path):
+    path = tmp_path / "data.npz"
+    path.write_bytes(b"first version")
+    digest = file_digest(path)
+    assert digest == "sha256:" + hashlib.sha256(b"first version").hexdigest()
+    assert file_digest(path) == digest  # cached: the same answer
+    _replace_keeping_mtime(path, b"other version")  # same size, same mtime
+    assert file_digest(path) == "sha256:" + hashlib.sha256(b"other version").hexdigest()
+    os.utime(path)  # a new mtime alone leaves the digest as it is
+    assert file_digest(path) == "sha256:" + hashlib.sha256(b"other version").hexdigest()
+
+
+def test_file_digest_is_cached_by_stat(tmp_path, monkeypatch):
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(1000))
+    first = file_digest(path)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    assert file_digest(path) == first and opened == []
+
+
+def test_source_digest_by_source(tmp_path):
+    path = tmp_path / "data.npz"
+    path.write_bytes(b"x")
+    assert source_digest("npz", path) == file_digest(path)
+    assert source_digest("npz", tmp_path / "missing.npz") is None  # Snakemake reports the missing input
+    assert source_digest("torchvision", path) is None and source_digest("synthetic", path) is None
+    assert source_digest("imagefolder", tmp_path) == folder_digest(tmp_path)
+
+
+def test_folder_digest_follows_what_the_reader_reads(tmp_path):
+    root = _make_image_folder(tmp_path / "images")
+    digest = folder_digest(root)
+    assert digest.startswith("sha256:") and folder_digest(root) == digest
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")  # the reader ignores it: so does the digest
+    os.utime(root / "train" / "cat" / "a.png")  # a new mtime, the same content
+    assert folder_digest(root) == digest
+    image = root / "train" / "dog" / "b.JPG"
+    original = image.read_bytes()
+    _replace_keeping_mtime(image, original[:-1] + bytes([original[-1] ^ 1]))  # one bit, same size and mtime
+    assert folder_digest(root) != digest
+    _replace_keeping_mtime(image, original)
+    assert folder_digest(root) == digest
+    (root / "train" / "dog" / "b.JPG").rename(root / "train" / "dog" / "c.JPG")  # a renamed image
+    assert folder_digest(root) != digest
+
+
+def test_scan_image_folder_lists_images_by_class(tmp_path):
+    root = _make_image_folder(tmp_path / "images")
+    (root / "train" / "cat" / ".hidden.png").write_bytes(b"")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    found = scan_image_folder(root)
+    assert list(found) == ["train", "test"]
+    assert list(found["train"]) == ["bird", "cat", "dog"]
+    assert found["train"]["cat"] == ["train/cat/a.png", "train/cat/b.jpeg", "train/cat/sub/c.png"]
+    assert scan_image_folder(tmp_path / "missing") == {}
+
+
+def test_defining_layer_last_one_wins():
+    keys = ("datasets", "cifar10", "path")
+    layers = [
+        ("a", {"datasets": {"cifar10": {"source": "npz", "path": "x.npz"}}}),
+        ("b", {"datasets": {"cifar10": {"path": "y.npz"}}}),
+        ("c", {"datasets": {"cifar10": {"paper_name": "cifar10"}}}),  # merged in, but without a path
+        ("d", {"datasets": {"gtsrb": {"path": "z.npz"}}, "device": "cpu"}),
+    ]
+    assert defining_layer(keys, layers) == "b"
+    assert defining_layer(keys, layers[:1]) == "a"
+    assert defining_layer(("datasets", "gtsrb", "path"), layers) == "d"
+    assert defining_layer(("datasets", "other", "path"), layers) is None
+    assert defining_layer(("device", "path"), layers) is None  # a string is no mapping
+
+
+def test_resolve_config_path(tmp_path, monkeypatch):
+    config_dir = tmp_path / "project" / "config"
+    assert resolve_config_path("../../shared/data/x.npz", config_dir) == str(tmp_path / "shared/data/x.npz")
+    assert resolve_config_path("/abs/x.npz", config_dir) == "/abs/x.npz"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_config_path("~/x.npz", config_dir) == str(tmp_path / "home" / "x.npz")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# image folders
+# ----------------------------------------------------------------------------------------------------------
+
+IMAGE_FOLDER = {  # split/class/file: (width, height, colour)
+    "train/bird/x.png": (32, 32, (10, 200, 30)),
+    "train/cat/a.png": (40, 35, (200, 20, 20)),
+    "train/cat/b.jpeg": (20, 24, (180, 40, 40)),
+    "train/cat/sub/c.png": (64, 64, (220, 10, 10)),
+    "train/dog/a.png": (33, 33, (20, 20, 200)),
+    "train/dog/b.JPG": (50, 30, (30, 30, 180)),
+    "test/bird/y.PNG": (16, 16, (15, 190, 35)),
+    "test/cat/t.jpg": (45, 45, (210, 30, 30)),
+    "test/dog/u.png": (32, 32, (25, 25, 190)),
+}
+
+
+def _make_image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for rel, (w, h, colour) in IMAGE_FOLDER.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+        Image.new("RGB", (w, h), colour).save(path, format=fmt)
+    return root
+
+
+def test_load_image_folder(tmp_path):
+    from PIL import Image
+
+    root = _make_image_folder(tmp_path / "images")
+    # a patterned palette image, to see the resize filter (and the conversion to RGB)
+    rng = np.random.default_rng(0)
+    pattern = Image.fromarray(rng.integers(0, 256, (41, 37, 3), dtype=np.uint8)).convert("P")
+    pattern.save(root / "train" / "dog" / "p.png")
+    (root / "test" / "dog" / "readme.txt").write_text("ignored")
+    ds = load_image_folder(root)
+    assert list(ds.classes) == ["bird", "cat", "dog"]
+    assert ds.x_train.dtype == np.uint8 and ds.x_train.shape == (7, 32, 32, 3)
+    assert ds.y_train.dtype == np.int64 and list(ds.y_train) == [0, 1, 1, 1, 2, 2, 2]
+    assert list(ds.y_test) == [0, 1, 2] and ds.x_test.shape == (3, 32, 32, 3)
+    # rows by class, then path: dog is a.png, b.JPG, p.png; PNG colours survive exactly, JPEG nearly
+    assert (ds.x_train[0] == (10, 200, 30)).all() and (ds.x_train[1] == (200, 20, 20)).all()
+    assert np.abs(ds.x_train[2].astype(int) - (180, 40, 40)).max() <= 8
+    expected = np.asarray(pattern.convert("RGB").resize((32, 32), Image.BILINEAR))
+    assert np.array_equal(ds.x_train[6], expected)
+    assert ds.meta["source"] == f"imagefolder:{root.resolve()}"
+    assert ds.meta["resize"] == "whole image to 32x32, PIL.Image.BILINEAR"
+    nearest = load_image_folder(root, resize_filter="nearest")
+    assert np.array_equal(nearest.x_train[6], np.asarray(pattern.convert("RGB").resize((32, 32), Image.NEAREST)))
+    assert nearest.meta["resize"].endswith("PIL.Image.NEAREST")
+
+
+def test_load_image_folder_class_names_file(tmp_path):
+    root = _make_image_folder(tmp_path / "images")
+    (root / "classes.txt").write_text("Bird\nCat\nDog\n")
+    assert list(load_image_folder(root).classes) == ["Bird", "Cat", "Dog"]
+    (root / "classes.txt").write_text("Bird\nCat\n")
+    with pytest.raises(DatasetError, match="2 class names for 3 class folders"):
+        load_image_folder(root)
+
+
+def test_load_source_image_folder_with_subset_and_digest(tmp_path):
+    root = _make_image_folder(tmp_path / "images")
+    for k in range(4):  # enough images for a stratified subset
+        (root / "train" / "bird" / f"x{k}.png").write_bytes((root / "train" / "bird" / "x.png").read_bytes())
+    digest = folder_digest(root)
+    spec = {"source": "imagefolder", "path": str(root), "resize_filter": "bicubic", "digest": digest,
+            "subset": {"n_train": 6, "n_test": 3, "seed": 0}}
+    ds = load_source(spec)
+    assert len(ds.y_train) == 6 and np.array_equal(np.bincount(ds.y_train), [3, 2, 1])
+    assert ds.meta["digest"] == digest and ds.meta["resize"].endswith("BICUBIC") and "subset" in ds.meta
+    (root / "train" / "bird" / "x3.png").unlink()
+    with pytest.raises(DatasetError, match="changed after the workflow was planned"):
+        load_source(spec)
+    with pytest.raises(DatasetError, match="resize_filter"):
+        load_source(dict(spec, digest=None, resize_filter="sharp"))
+    with pytest.raises(DatasetError, match="expected 4 classes"):
+        load_source(dict(spec, digest=None, num_classes=4))
+
+
+def test_load_source_npz_digest(tmp_path):
+    path = _write(tmp_path / "data.npz", _arrays())
+    spec = {"source": "npz", "path": str(path), "digest": file_digest(path)}
+    assert load_source(spec).meta["digest"] == spec["digest"]
+    _replace_keeping_mtime(path, _npz_bytes(_arrays(n_train=9)))
+    with pytest.raises(DatasetError, match="changed after the workflow was planned") as info:
+        load_source(spec)
+    assert str(path.resolve()) in str(info.value)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _break(root: Path, case: str) -> Path:
+    if case == "missing-folder":
+        return root / "nope"
+    if case == "missing-test":
+        for f in sorted((root / "test").rglob("*"), reverse=True):
+            f.rmdir() if f.is_dir() else f.unlink()
+        (root / "test").rmdir()
+    elif case == "no-classes":
+        for f in sorted((root / "train").rglob("*"), reverse=True):
+            f.rmdir() if f.is_dir() else f.unlink()
+    elif case == "test-classes-differ":
+        (root / "test" / "dog").rename(root / "test" / "wolf")
+    elif case == "empty-class":
+        for f in (root / "test" / "cat").iterdir():
+            f.unlink()
+        (root / "test" / "cat" / "notes.txt").write_text("no images here")
+    elif case == "unreadable-image":
+        (root / "train" / "dog" / "b.JPG").write_text("not a jpeg")
+    elif case == "one-class":
+        for cls in ("bird", "dog"):
+            for split in ("train", "test"):
+                for f in sorted((root / split / cls).rglob("*"), reverse=True):
+                    f.unlink()
+                (root / split / cls).rmdir()
+    return root
+
+
+IMAGE_FOLDER_ERRORS = {  # the path the error starts with, relative to tmp_path, and what it says
+    "missing-folder": ("images/nope", "no such folder"),
+    "missing-test": ("images/test", "no such folder"),
+    "no-classes": ("images/train", "no class folders"),
+    "test-classes-differ": ("images/test", r"class folders must be those of .*train; missing \['dog'\], "
+                                           r"not in train \['wolf'\]"),
+    "empty-class": ("images/test/cat", r"no images \(looked for .bmp, .gif, .jpeg, .jpg, .png"),
+    "unreadable-image": ("images/train/dog/b.JPG", "unreadable image"),
+    "one-class": ("images", "at least 2 class names"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_FOLDER_ERRORS), ids=list(IMAGE_FOLDER_ERRORS))
+def test_load_image_folder_errors_name_the_folder(tmp_path, monkeypatch, case):
+    root = _break(_make_image_folder(tmp_path / "images"), case)
+    named, problem = IMAGE_FOLDER_ERRORS[case]
+    monkeypatch.chdir(tmp_path)  # a relative path: the error names the absolute one
+    with pytest.raises(DatasetError, match=problem) as info:
+        load_source({"source": "imagefolder", "path": os.path.relpath(root, tmp_path)})
+    assert str(info.value).startswith(f"{tmp_path.resolve() / named}: "), str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -173,3 +175,70 @@ def test_paper_config_is_the_default_and_plans_170_trainings(tmp_path: Path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert planned_jobs(proc)["train_model"] == 170
+
+
+# ----- the data a config points at ------------------------------------------------------------------------------
+
+def tiny_npz(path: Path, seed: int = 0) -> Path:
+    """A valid 4-class dataset file; every seed gives a file of the same size."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x_train=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y_train=np.arange(16) % 4,
+             x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y_test=np.arange(8) % 4,
+             classes=np.asarray(["a", "b", "c", "d"]))
+    return path
+
+
+def npz_config(path: Path, data_path: str) -> Path:
+    """The smoke config with its one dataset read from an npz file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_config(path, **{"datasets": {"real": {"source": "npz", "path": data_path}},
+                                 "fine_pruning.datasets": ["real"]})
+
+
+def test_replaced_data_file_reruns_prepare_data_even_with_its_old_mtime(tmp_path: Path):
+    data = tiny_npz(tmp_path / "config" / "data" / "tiny.npz")
+    cfg = npz_config(tmp_path / "config" / "npz.yaml", "data/tiny.npz")  # relative to the config's folder
+    work, target = tmp_path / "work", "results/data/real.npz"
+    snakemake(work, target, "--cores", "1", configfile=cfg)
+    assert (work / target).is_file()
+    unchanged = snakemake(work, "-n", target, configfile=cfg)
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr, planned_jobs(unchanged)
+    # new content, same size, the old mtime put back: only the content digest can tell
+    before = data.stat()
+    tiny_npz(data, seed=1)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert data.stat().st_size == before.st_size and data.stat().st_mtime_ns == before.st_mtime_ns
+    replaced = snakemake(work, "-n", target, configfile=cfg)
+    assert planned_jobs(replaced) == {"prepare_data": 1}, replaced.stdout[-2000:]
+    assert "Params have changed" in replaced.stdout + replaced.stderr
+
+
+def test_relative_data_paths_follow_the_config_file_that_sets_them(tmp_path: Path):
+    shared = tiny_npz(tmp_path / "shared" / "data" / "tiny.npz")
+    cfg = npz_config(tmp_path / "project" / "config" / "study.yaml", "../../shared/data/tiny.npz")
+    site = tiny_npz(tmp_path / "site" / "other.npz")
+    override = tmp_path / "site" / "paths.yaml"  # a second config file that holds only the path
+    override.write_text(yaml.safe_dump({"datasets": {"real": {"path": "other.npz"}}}))
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"  # Snakemake started from a third folder
+    work.mkdir()
+    elsewhere.mkdir()
+    from_cli = tiny_npz(work / "cli.npz")
+
+    def plan(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "-n",
+               "--cores", "1", "results/data/real.npz", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=elsewhere)
+
+    def planned_input(*args: str) -> str:
+        proc = plan(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return re.search(r"^\s*input: (.+)$", proc.stdout + proc.stderr, re.M).group(1)
+
+    assert planned_input("--configfile", str(cfg)) == str(shared)
+    assert planned_input("--configfile", str(cfg), str(override)) == str(site)  # the last file to set it wins
+    # on the command line: from the working directory
+    assert planned_input("--configfile", str(cfg), "--config", "datasets={real: {path: cli.npz}}") == str(from_cli)
+    shared.unlink()
+    missing = plan("--configfile", str(cfg))
+    assert missing.returncode != 0 and str(shared) in missing.stdout + missing.stderr

@@ -2,8 +2,9 @@
 
 A prepared dataset is four arrays plus class names, exactly as in ``../shared/data/*.npz``:
 ``x_train`` / ``x_test`` uint8 (N, 32, 32, 3) RGB channels-last, ``y_train`` / ``y_test`` int64 class
-indices, ``classes`` a string array. Three sources produce it: torchvision's downloaders (CIFAR10 and GTSRB,
-checksummed by torchvision), a local npz file (validated), and a deterministic synthetic generator.
+indices, ``classes`` a string array. Four sources produce it: torchvision's downloaders (CIFAR10 and GTSRB,
+checksummed by torchvision), a local npz file (validated), a folder of image files (``imagefolder``) and a
+deterministic synthetic generator. Errors name files by their absolute path.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from .datafiles import source_digest
 from .io import save_npz
 
 IMAGE_SHAPE = (32, 32, 3)
 GTSRB_RESIZE_FILTER = "PIL.Image.BILINEAR"  # recorded in the prepared file's metadata
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an npz is a zip archive (the second: an empty one)
+NPY_MAGIC = b"\x93NUMPY"
 
 
 class DatasetError(ValueError):
@@ -83,14 +87,30 @@ def validate_arrays(arrays: dict[str, np.ndarray], origin: str) -> None:
 
 def load_npz(path: str | os.PathLike, num_classes: int | None = None) -> Dataset:
     """Load and validate a dataset in the canonical form (no pickle)."""
-    path = Path(path)
+    path = Path(path).resolve()
     if not path.is_file():
         raise DatasetError(f"{path}: no such file (expected an npz with x_train, y_train, x_test, y_test, classes)")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head.startswith(ZIP_MAGIC):
+        # numpy would take any other file for a pickle and say so; say what the file is not instead
+        what = "a single .npy array" if head.startswith(NPY_MAGIC) else f"it starts with {head!r}"
+        raise DatasetError(f"{path}: not an npz file ({what}; an npz is a zip archive of .npy arrays, "
+                           "as numpy.savez writes)")
+    arrays = {}
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+            for key in f.files:
+                try:
+                    arrays[key] = f[key]
+                except ValueError as exc:  # an object array: reading it would unpickle
+                    raise DatasetError(f"{path}: array {key!r} holds Python objects (pickled), which are not "
+                                       "loaded; store strings with a plain dtype, e.g. np.asarray(names, dtype=str)"
+                                       ) from exc
+    except DatasetError:
+        raise
     except Exception as exc:  # zipfile / format errors
-        raise DatasetError(f"{path}: not a readable npz file ({exc})") from exc
+        raise DatasetError(f"{path}: not a readable npz file ({type(exc).__name__}: {exc})") from exc
     validate_arrays(arrays, str(path))
     if num_classes is not None and len(arrays["classes"]) != num_classes:
         raise DatasetError(f"{path}: expected {num_classes} classes, the file has {len(arrays['classes'])}")
@@ -185,29 +205,53 @@ def load_torchvision(name: str, root: str | os.PathLike, download: bool = True) 
     else:
         raise DatasetError(f"torchvision source: unknown dataset name {name!r}; expected 'cifar10' or 'gtsrb'")
     (x_train, y_train), (x_test, y_test) = splits
-    return Dataset(x_train, y_train, x_test, y_test, classes, meta).validate(f"torchvision {name} in {root}")
+    return Dataset(x_train, y_train, x_test, y_test, classes, meta).validate(
+        f"torchvision {name} in {root.resolve()}")
+
+
+def check_digest(spec: dict[str, Any]) -> None:
+    """A file or folder whose content no longer has the digest the workflow planned with (Snakemake records the
+    planned one as the job's parameter, so the outputs would be labelled with the wrong content)."""
+    if spec.get("digest") is None or "path" not in spec:
+        return
+    found = source_digest(spec.get("source"), spec["path"])  # None for a missing path: the loader says so
+    if found is not None and found != spec["digest"]:
+        raise DatasetError(f"{Path(spec['path']).resolve()}: its content changed after the workflow was planned "
+                           f"(digest {found}, planned {spec['digest']}); run the workflow again")
 
 
 def load_source(spec: dict[str, Any]) -> Dataset:
-    """Load a dataset from a config block: ``{source: torchvision|npz|synthetic, ...}`` plus optional subset."""
+    """Load a dataset from a config block: ``{source: torchvision|npz|imagefolder|synthetic, ...}`` plus optional
+    subset. A ``digest`` key (the workflow's content digest of the file or folder, see ``datafiles``) must still
+    match the data, which it then labels in ``meta``: the data changed since the DAG was built otherwise."""
     source = spec.get("source")
+    check_digest(spec)
     if source == "torchvision":
         try:
             ds = load_torchvision(spec["name"], spec.get("root", "data/raw"), download=spec.get("download", True))
         except (OSError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises RuntimeError offline
             raise DatasetError(
                 f"torchvision source {spec['name']!r}: could not download or read it under "
-                f"{spec.get('root', 'data/raw')} ({type(exc).__name__}: {exc}). Without network access, point the "
-                "dataset at a prepared npz (source: npz, path: ...), e.g. config/cpu.yaml") from exc
+                f"{Path(spec.get('root', 'data/raw')).resolve()} ({type(exc).__name__}: {exc}). Without network "
+                "access, point the dataset at a prepared npz (source: npz, path: ...), e.g. config/cpu.yaml") from exc
     elif source == "npz":
         if "path" not in spec:
             raise DatasetError("npz source: the key 'path' (the npz file) is required")
         ds = load_npz(spec["path"], spec.get("num_classes"))
+    elif source == "imagefolder":
+        from .imagefolder import load_image_folder
+
+        if "path" not in spec:
+            raise DatasetError("imagefolder source: the key 'path' (the image folder) is required")
+        ds = load_image_folder(spec["path"], spec.get("resize_filter", "bilinear"), spec.get("num_classes"))
     elif source == "synthetic":
         ds = make_synthetic(spec.get("num_classes", 10), spec.get("n_train", 1000), spec.get("n_test", 200),
                             spec.get("seed", 0), spec.get("noise", 40.0))
     else:
-        raise DatasetError(f"dataset 'source' must be one of torchvision, npz, synthetic; got {source!r}")
+        raise DatasetError(f"dataset 'source' must be one of torchvision, npz, imagefolder, synthetic; "
+                           f"got {source!r}")
+    if spec.get("digest") is not None:
+        ds.meta["digest"] = spec["digest"]
     subset = spec.get("subset")
     if subset:
         ds = stratified_subset(ds, subset.get("n_train"), subset.get("n_test"), subset.get("seed", 0))
