@@ -109,14 +109,15 @@ rule routing_table:
     input:
         lambda wc: routing_stats_targets(wc.dataset),
     output:
-        csv=report(
-            f"{RESULTS}/tables/routing_{{dataset}}.csv",
+        csv=f"{RESULTS}/tables/routing_{{dataset}}.csv",
+        md=f"{RESULTS}/tables/routing_{{dataset}}.md",
+        tex=f"{RESULTS}/tables/routing_{{dataset}}.tex",
+        html=report(
+            f"{RESULTS}/tables/routing_{{dataset}}.html",
             caption="../reports/routing_table.rst",
             category="Routing analysis",
             subcategory="{dataset}",
         ),
-        md=f"{RESULTS}/tables/routing_{{dataset}}.md",
-        tex=f"{RESULTS}/tables/routing_{{dataset}}.tex",
         png=report(
             f"{RESULTS}/figures/routing_{{dataset}}.png",
             caption="../reports/routing_table.rst",

@@ -1,10 +1,15 @@
 # Target lists, wildcard constraints and parameter helpers shared by every rule.
 
+import copy
+import functools
 import re
+from pathlib import Path
 
+from snakemake.common.configfile import load_configfile
 from snakemake.exceptions import WorkflowError
 
 from pmoe_backdoor.config_check import check_fine_pruning_seeds, fine_prune_seed
+from pmoe_backdoor.datafiles import defining_layer, resolve_config_path, source_digest
 from pmoe_backdoor.naming import attack_name, fmt_rate, parse_attack
 
 
@@ -128,8 +133,10 @@ def trigger_file(wildcards):
 
 
 def poison_file(wildcards):
+    """The run's poison record; a clean run's has nothing poisoned (reading one puts every training job at the same
+    depth of the DAG, so that the report's rule graph, which keeps one job per rule and depth, shows each rule once)."""
     if wildcards.attack == "clean":
-        return []
+        return f"{RESULTS}/{wildcards.dataset}/poison/clean.safetensors"
     return f"{RESULTS}/{wildcards.dataset}/poison/{wildcards.attack}/seed{wildcards.seed}.safetensors"
 
 
@@ -261,7 +268,11 @@ def beyond_targets():
 
 
 def all_targets():
-    return report_targets() + analysis_targets() + beyond_targets()
+    targets = report_targets() + analysis_targets() + beyond_targets()
+    # what the report shows besides figures: each table's HTML page (from the table's own job), the config record
+    tables = [t for t in targets if t.startswith(f"{RESULTS}/tables/") and t.endswith((".md", ".csv"))]
+    pages = dict.fromkeys(t.rsplit(".", 1)[0] + ".html" for t in tables)
+    return targets + list(pages) + [f"{RESULTS}/config/config.html"]
 
 
 # ----- routing analysis -----
@@ -328,3 +339,54 @@ def routing_stats_targets(dataset):
         for a in attacks
         for s in seeds_for(a)
     ]
+
+
+# ----- datasets: the data file or folder of a dataset and its content digest (pmoe_backdoor.datafiles uses the
+# standard library only: cheap at DAG-build time) -----
+
+
+SOURCES_WITH_DATA = ("npz", "imagefolder")  # a local file or folder: an input of prepare_data, its content digested
+
+
+@functools.cache
+def config_layers():
+    """The config as Snakemake merged it, lowest precedence first, each layer as (the folder its relative paths
+    are taken from, its content): the Snakefile's configfile: files, the --configfile files in their order (each
+    from its own folder), then --config (from the working directory, where Snakemake runs)."""
+    cli = [Path(f).absolute() for f in workflow.config_settings.configfiles]
+    directives = [Path(f).absolute() for f in workflow.configfiles]
+    if workflow.config_settings.replace_workflow_config:
+        directives = []
+    files = [f for f in directives if f not in cli] + cli
+    layers = [(f.parent, load_configfile(str(f))) for f in files]
+    layers.append((Path.cwd(), workflow.config_settings.config))
+    return layers
+
+
+def dataset_path(name):
+    """A dataset's `path`, absolute: a relative one is taken from the folder of the config layer that set it
+    (the last to set it wins), or from the working directory if no layer did."""
+    base = defining_layer(("datasets", name, "path"), config_layers())
+    return resolve_config_path(config["datasets"][name]["path"], Path.cwd() if base is None else base)
+
+
+@functools.cache
+def _dataset_spec(name):
+    spec = dict(config["datasets"][name])
+    if spec.get("source") in SOURCES_WITH_DATA and "path" in spec:
+        spec["path"] = dataset_path(name)
+        # the content, not the mtime: a file replaced under its old mtime reruns prepare_data and what follows
+        spec["digest"] = source_digest(spec["source"], spec["path"])
+    return canonical(spec)
+
+
+def dataset_spec(name):
+    """The dataset's config block for prepare_data: keys sorted, `path` absolute and, for an npz file or an image
+    folder, `digest`, its content's sha256 (computed once per Snakemake process; the job checks it again)."""
+    return copy.deepcopy(_dataset_spec(name))
+
+
+def dataset_input(name):
+    """The file or folder prepare_data reads (none for a download or synthetic data)."""
+    block = config["datasets"][name]
+    return dataset_path(name) if block.get("source") in SOURCES_WITH_DATA and "path" in block else []

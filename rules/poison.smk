@@ -16,6 +16,22 @@ rule make_trigger:
         "../workflow/scripts/poison/make_trigger.py"
 
 
+rule clean_training_set:
+    """A clean run's training set as a poison record with nothing poisoned (the same record kind for every run)."""
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+    output:
+        f"{RESULTS}/{{dataset}}/poison/clean.safetensors",
+    log:
+        f"{RESULTS}/logs/clean_training_set/{{dataset}}.log",
+    resources:
+        runtime=5,
+    conda:
+        "../envs/pmoe.yaml"
+    script:
+        "../workflow/scripts/poison/clean_training_set.py"
+
+
 rule poison:
     """Choose int(rate*N) training indices with the seed; store the indices and their triggered images."""
     input:

@@ -1,10 +1,14 @@
+from pmoe_backdoor.configpage import configfile_texts
+
+
 rule aggregate_runs:
     """Every run's metrics of one dataset in one table (one row per model, attack and seed)."""
     input:
         lambda wc: [f"{run}/metrics.json" for run in run_dirs([wc.dataset])],
     output:
-        report(
-            f"{RESULTS}/tables/runs_{{dataset}}.csv",
+        csv=f"{RESULTS}/tables/runs_{{dataset}}.csv",
+        html=report(
+            f"{RESULTS}/tables/runs_{{dataset}}.html",
             caption="../reports/runs.rst",
             category="Per-run metrics",
         ),
@@ -22,19 +26,15 @@ rule attack_table:
         runs=f"{RESULTS}/tables/runs_{{dataset}}.csv",
         paper=workflow.source_path("../config/paper-tables-1-2.csv"),
     output:
-        csv=report(
-            f"{RESULTS}/tables/attacks_{{dataset}}.csv",
-            caption="../reports/attack_table.rst",
-            category="Attack tables",
-            subcategory="{dataset}",
-        ),
-        md=report(
-            f"{RESULTS}/tables/attacks_{{dataset}}.md",
-            caption="../reports/attack_table.rst",
-            category="Attack tables",
-            subcategory="{dataset}",
-        ),
+        csv=f"{RESULTS}/tables/attacks_{{dataset}}.csv",
+        md=f"{RESULTS}/tables/attacks_{{dataset}}.md",
         tex=f"{RESULTS}/tables/attacks_{{dataset}}.tex",
+        html=report(
+            f"{RESULTS}/tables/attacks_{{dataset}}.html",
+            caption="../reports/attack_table.rst",
+            category="Attack tables",
+            subcategory="{dataset}",
+        ),
     params:
         paper_name=lambda wc: paper_names()[wc.dataset],
     log:
@@ -72,17 +72,14 @@ rule fine_pruning_table:
         runs=fine_prune_targets(),
         paper=workflow.source_path("../config/paper-table-3.csv"),
     output:
-        csv=report(
-            f"{RESULTS}/tables/fine_pruning.csv",
-            caption="../reports/fine_pruning.rst",
-            category="Fine-Pruning",
-        ),
-        md=report(
-            f"{RESULTS}/tables/fine_pruning.md",
-            caption="../reports/fine_pruning.rst",
-            category="Fine-Pruning",
-        ),
+        csv=f"{RESULTS}/tables/fine_pruning.csv",
+        md=f"{RESULTS}/tables/fine_pruning.md",
         tex=f"{RESULTS}/tables/fine_pruning.tex",
+        html=report(
+            f"{RESULTS}/tables/fine_pruning.html",
+            caption="../reports/fine_pruning.rst",
+            category="Fine-Pruning",
+        ),
     params:
         paper_names=paper_names(),
     log:
@@ -109,3 +106,26 @@ rule prune_sweep_figure:
         "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/report/prune_sweep_figure.py"
+
+
+rule config_record:
+    """The exact configuration of this run for the report: the merged config as YAML, and a page with it and with
+    each config file given. Its params are the canonical config, so any change to the config reruns it."""
+    output:
+        yaml=f"{RESULTS}/config/config.yaml",
+        html=report(
+            f"{RESULTS}/config/config.html",
+            caption="../reports/config.rst",
+            category="Configuration",
+        ),
+    params:
+        config=canonical(config),
+        configfiles=configfile_texts(workflow.configfiles),
+        overrides=canonical(dict(workflow.config_settings.config)),
+    log:
+        f"{RESULTS}/logs/config_record.log",
+    localrule: True
+    conda:
+        "../envs/pmoe.yaml"
+    script:
+        "../workflow/scripts/report/config_record.py"

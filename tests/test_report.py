@@ -14,6 +14,7 @@ from pmoe_backdoor.figures import attack_figure
 from pmoe_backdoor.io import write_json
 from pmoe_backdoor.summaries import (
     attack_table,
+    cad_std,
     collect_runs,
     detection_table,
     fine_pruning_table,
@@ -121,6 +122,28 @@ def test_summarise_attacks_without_paper_or_match(runs):
     assert _row(g, "pmoe", "square").cad_mean == pytest.approx(10.0)
 
 
+def test_cad_std_combines_clean_and_attack_spreads():
+    rows = [("a", "clean", [80, 82, 84]), ("a", "square-2", [70, 73]),  # var 4 and 4.5
+            ("b", "clean", [90]), ("b", "square-2", [80, 86]),          # one clean seed: BA's var 18 alone
+            ("c", "clean", [60, 64]), ("c", "square-2", [50]),          # one attack seed: CA's var 8 alone
+            ("d", "clean", [60]), ("d", "square-2", [50]),              # neither: nan
+            ("e", "square-2", [50, 52])]                                 # no clean run: no CAD
+    df = pd.DataFrame([{"dataset": "c10", "model": m, "attack": a, "trigger": a.split("-")[0],
+                        "rate": 0.0 if a == "clean" else 2.0, "seed": s, "ba": ba, "asr": np.nan}
+                       for m, a, bas in rows for s, ba in enumerate(bas)])
+    table = summarise_attacks(df, None, "c10", "cifar10")
+    a = _row(table, "a", "square")
+    assert a.cad_mean == pytest.approx(82 - 71.5)
+    assert a.cad_std == pytest.approx(math.sqrt(8.5)) and a.cad_std == pytest.approx(2.9155, abs=1e-4)
+    assert _row(table, "b", "square").cad_std == pytest.approx(math.sqrt(18))
+    assert _row(table, "c", "square").cad_std == pytest.approx(math.sqrt(8))
+    assert np.isnan(_row(table, "d", "square").cad_std) and _row(table, "d", "square").cad_mean == 10
+    e = _row(table, "e", "square")
+    assert np.isnan(e.cad_mean) and np.isnan(e.cad_std) and e.ba_std == pytest.approx(SQRT2)
+    assert np.isnan(_row(table, "a", "clean").cad_std)
+    assert cad_std(pd.Series([1.0, 3.0]), pd.Series([2.0, 4.0, 6.0])) == pytest.approx(math.sqrt(2 + 4))
+
+
 def _md_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     lines = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
@@ -142,7 +165,7 @@ def test_attack_table_outputs(runs, tmp_path):
     assert len(rows) == 4 and all(len(r) == len(header) for r in rows)
     assert rows[0] == ["pmoe", "clean", "–", "2", "–", "–", "–", "81.0 ± 1.4", "–", "–", "–", "–", "–"]
     assert rows[1] == ["pmoe", "square", "2", "2", "95.0 ± 7.1", "97.0", "-2.0", "79.0 ± 1.4", "83.0", "-4.0",
-                       "2.0 ± 1.4", "1.5", "+0.5"]
+                       "2.0 ± 2.0", "1.5", "+0.5"]  # CAD ± sqrt(2 + 2): CA's and BA's variances
     assert rows[3][:5] == ["wrn", "square", "2", "1", "50.0"]  # one seed: no ± std
 
     tex = (out / "t.tex").read_text()

@@ -117,7 +117,7 @@ def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path:
     assert plan.get("fine_prune") == 4, plan  # 2 prune rates x 2 fine-tuning sets
     assert "train_model" not in plan and "evaluate" not in plan and "poison" not in plan, plan
     assert set(plan) <= {"fine_prune", "fine_pruning_table", "fineprune_routing_maps", "deploy_eval_fine_pruned",
-                         "precision_table", "all"}, plan
+                         "precision_table", "config_record", "all"}, plan
     weights = sorted((smoke_run / "results").glob("synth/pmoe/*/seed*/weights.safetensors"))  # trained models
     assert weights
     before = {p: p.stat().st_mtime_ns for p in weights}
@@ -133,6 +133,8 @@ def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path:
     ({"train.precision": "fp16"}, "fp16"),
     ({"attack.triggers.square.size": "big"}, "big"),
     ({"fine_pruning.models": ["nope"]}, "nope"),
+    ({"train.epoch": 3}, "config: unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ({"fine_pruning.model_per_rate": "fresh"}, "= 2 attack seeds, but seeds.attack is 1"),
 ])
 def test_broken_config_fails_fast_naming_the_problem(tmp_path: Path, change, expected):
     cfg = write_config(tmp_path / "broken.yaml", **change)
@@ -142,6 +144,17 @@ def test_broken_config_fails_fast_naming_the_problem(tmp_path: Path, change, exp
     assert expected in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     assert time.perf_counter() - t0 < 60
     assert not (tmp_path / "work" / "results").exists()
+
+
+def test_fresh_model_per_prune_rate_plans_fine_pruning_on_its_own_seeds(tmp_path: Path):
+    cfg = write_config(tmp_path / "fresh.yaml", **{"fine_pruning.model_per_rate": "fresh", "seeds.attack": 2})
+    proc = snakemake(tmp_path / "work", "-n", configfile=cfg, timeout=120)
+    planned = set(re.findall(r"results/\S+/fineprune/\S+/metrics\.json", proc.stdout + proc.stderr))
+    run = "results/synth/pmoe/square-10"
+    assert planned == {f"{run}/seed0/fineprune/{v}/10/metrics.json" for v in ("authors", "clean")} | {
+        f"{run}/seed1/fineprune/{v}/30/metrics.json" for v in ("authors", "clean")}  # run 0: rate j on seed j
+    plan = planned_jobs(proc)
+    assert plan["fine_prune"] == 4 and plan["prune_sweep"] == 2, plan  # the sweep on both models pruned
 
 
 def test_killed_training_leaves_no_complete_looking_output(tmp_path: Path):

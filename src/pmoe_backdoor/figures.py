@@ -29,11 +29,11 @@ def _savefig(fig, path: str) -> None:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format=Path(path).suffix.lstrip("."))
 
 
-def _title_and_layout(fig, title: str, fontsize: int = 11) -> None:
-    """A suptitle with room kept for it: plain tight_layout would let it overlap the first row."""
-    lines = title.count("\n") + 1
-    fig.suptitle(title, fontsize=fontsize)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.25 + 0.2 * lines) / fig.get_figheight()))
+def _image_grid(plt, rows: int, cols: int, cell: tuple[float, float], **kw):
+    """Subplots for a grid of images: the 'compressed' layout packs fixed-aspect axes and the suptitle without the
+    empty bands that tight_layout leaves around square images."""
+    return plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False, layout="compressed",
+                        **kw)
 
 
 def attack_figure(runs_csvs: Sequence[str], paper_csv: str | None, paper_names: dict[str, str], out_png: str) -> None:
@@ -48,8 +48,8 @@ def attack_figure(runs_csvs: Sequence[str], paper_csv: str | None, paper_names: 
     attacks = runs[runs.trigger != "clean"]
     datasets, triggers = sorted(runs.dataset.unique()), sorted(attacks.trigger.unique())
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(len(datasets), max(len(triggers), 1), squeeze=False,
-                             figsize=(4.2 * max(len(triggers), 1), 3.4 * len(datasets)), sharey=True)
+    fig, axes = plt.subplots(len(datasets), max(len(triggers), 1), squeeze=False, layout="constrained",
+                             figsize=(4.2 * max(len(triggers), 1), 3.4 * len(datasets) + 0.5), sharey=True)
     palette = sns.color_palette("deep")
     for i, ds in enumerate(datasets):
         for j, trig in enumerate(triggers):
@@ -58,52 +58,54 @@ def attack_figure(runs_csvs: Sequence[str], paper_csv: str | None, paper_names: 
             for k, (model, g) in enumerate(sub.groupby("model")):
                 stats = g.groupby("rate").agg(asr=("asr", "mean"), asr_sd=("asr", "std"),
                                               ba=("ba", "mean"), ba_sd=("ba", "std")).reset_index()
-                ax.errorbar(stats.rate, stats.asr, yerr=stats.asr_sd.fillna(0), marker="o", color=palette[k],
-                            label=f"{model} ASR", capsize=3)
-                ax.errorbar(stats.rate, stats.ba, yerr=stats.ba_sd.fillna(0), marker="s", ls="--",
-                            color=palette[k], label=f"{model} BA", capsize=3, alpha=0.8)
+                ax.errorbar(stats.rate, stats.asr, yerr=_clipped_err(stats.asr, stats.asr_sd, 0, 100), marker="o",
+                            color=palette[k], label=f"{model} ASR", capsize=3)
+                ax.errorbar(stats.rate, stats.ba, yerr=_clipped_err(stats.ba, stats.ba_sd, 0, 100), marker="s",
+                            ls="--", color=palette[k], label=f"{model} BA", capsize=3, alpha=0.8)
             if paper is not None:
                 pp = paper[(paper.dataset == paper_names.get(ds, ds)) & (paper.trigger == trig)]
                 if len(pp):
                     ax.plot(pp.poison_rate_percent, pp.asr, "k^", mfc="none", label="paper ASR")
                     ax.plot(pp.poison_rate_percent, pp.ba, "kv", mfc="none", label="paper BA")
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.set_title(f"{ds} · {trig}")
             ax.set_xlabel("poisoning rate (% of training set, log scale)")
             if j == 0:
                 ax.set_ylabel("%")
             ax.set_ylim(-3, 103)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
-               bbox_to_anchor=(0.5, -0.02 - 0.03 * len(datasets)))
-    fig.tight_layout()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6))
     _savefig(fig, out_png)
     plt.close(fig)
 
 
+def _clipped_err(mean: pd.Series, sd: pd.Series, lo: float, hi: float) -> np.ndarray:
+    """± sd as asymmetric error bars cut at the quantity's valid range (a percentage never leaves [0, 100])."""
+    mean, sd = np.asarray(mean, float), np.nan_to_num(np.asarray(sd, float))
+    return np.stack([np.minimum(sd, mean - lo), np.minimum(sd, hi - mean)]).clip(min=0)
+
+
 def prune_sweep_figure(sweep_paths: Sequence[str], out_png: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
+    plt = _plt()
     df = pd.DataFrame([row for p in sweep_paths for row in read_json(p)])
-    sns.set_theme(style="whitegrid", context="notebook")
     groups = list(df.groupby(["dataset", "model", "attack"]))
-    fig, axes = plt.subplots(1, len(groups), squeeze=False, figsize=(5 * len(groups), 3.6))
+    fig, axes = plt.subplots(1, len(groups), squeeze=False, figsize=(5 * len(groups), 3.9), layout="constrained")
     for ax, ((ds, model, attack), g) in zip(axes[0], groups):
         stats = g.groupby("prune_rate").agg(ca=("ca", "mean"), ca_sd=("ca", "std"), asr=("asr", "mean"),
                                             asr_sd=("asr", "std")).reset_index()
-        ax.errorbar(stats.prune_rate, stats.asr, yerr=stats.asr_sd.fillna(0), marker="o", label="ASR", capsize=3)
-        ax.errorbar(stats.prune_rate, stats.ca, yerr=stats.ca_sd.fillna(0), marker="s", ls="--", label="CA",
-                    capsize=3)
-        ax.set_title(f"{ds} · {model} · {attack} ({g.seed.nunique()} runs)")
+        for metric, style in (("asr", dict(marker="o")), ("ca", dict(marker="s", ls="--"))):
+            err = _clipped_err(stats[metric], stats[f"{metric}_sd"], 0, 100)
+            ax.errorbar(stats.prune_rate, stats[metric], yerr=err, label=metric.upper(), capsize=3, **style)
+        runs = g.seed.nunique()
+        ax.set_title(f"{ds} · {model} · {attack} ({runs} run{'s' if runs != 1 else ''})")
         ax.set_xlabel("channels pruned per expert (%), before fine-tuning")
         ax.set_ylabel("%")
         ax.set_ylim(-3, 103)
-        ax.legend()
-    fig.tight_layout()
+        ax.grid(alpha=0.4)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), title="mean ± std over runs",
+               title_fontsize=9, fontsize=9)
     _savefig(fig, out_png)
     plt.close(fig)
 
@@ -114,7 +116,7 @@ def patch_map_figure(maps_json: str, out_png: str, title: str) -> None:
     plt = _plt()
     rows = read_json(maps_json)["rows"]
     n_exp = len(rows[0]["maps"])
-    fig, axes = plt.subplots(len(rows), n_exp + 2, figsize=(2.0 * (n_exp + 2), 2.1 * len(rows)), squeeze=False)
+    fig, axes = _image_grid(plt, len(rows), n_exp + 2, (2.0, 2.0))
     for i, row in enumerate(rows):
         maps = np.asarray(row["maps"])
         ax = axes[i, 0]
@@ -133,7 +135,8 @@ def patch_map_figure(maps_json: str, out_png: str, title: str) -> None:
         ax.set_title("experts per patch", fontsize=9)
         ax.tick_params(labelsize=7)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, ticks=range(n_exp + 1))
-    _title_and_layout(fig, title + "\n(blue: the 16 patch positions routed to the expert; position = 8 x row + column)")
+    fig.suptitle(title + "\n(blue: the 16 patch positions routed to the expert; position = 8 x row + column)",
+                 fontsize=11)
     _savefig(fig, out_png)
     plt.close(fig)
 
@@ -145,8 +148,8 @@ def patch_value_figure(maps_json: str, out_png: str, title: str) -> None:
     rows = read_json(maps_json)["rows"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     n_exp = len(rows[0]["maps"])
-    fig, axes = plt.subplots(len(models), n_exp, figsize=(3.0 * n_exp, 2.4 * len(models)), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(len(models), n_exp, figsize=(3.0 * n_exp, 2.3 * len(models)), squeeze=False,
+                             sharex=True, layout="constrained")
     for i, model in enumerate(models):
         mine = [r for r in rows if r["model"] == model]
         for e in range(n_exp):
@@ -154,10 +157,11 @@ def patch_value_figure(maps_json: str, out_png: str, title: str) -> None:
             ax = axes[i, e]
             ax.hist(vals, bins=10, range=(0, 48), color=f"C{e}", edgecolor="white")
             ax.set_title(f"{model} · Expert {e + 1}", fontsize=9)
-            ax.set_xlabel("patch value (sum of 48 values in [0,1])", fontsize=8)
+            if i == len(models) - 1:
+                ax.set_xlabel("patch value (sum of 48 values in [0, 1])", fontsize=8)
             if e == 0:
-                ax.set_ylabel("frequency")
-    _title_and_layout(fig, title)
+                ax.set_ylabel("patches received")
+    fig.suptitle(title, fontsize=11)
     _savefig(fig, out_png)
     plt.close(fig)
 
@@ -168,7 +172,7 @@ def trigger_examples_figure(images: np.ndarray, labels: Sequence[str], triggered
     plt = _plt()
     names = list(triggered)
     cols = 1 + 2 * len(names)
-    fig, axes = plt.subplots(len(images), cols, figsize=(1.9 * cols, 2.0 * len(images)), squeeze=False)
+    fig, axes = _image_grid(plt, len(images), cols, (1.9, 2.0))
     for i, img in enumerate(images):
         axes[i, 0].imshow(img, interpolation="nearest")
         axes[i, 0].set_title(f"clean\n{labels[i]}", fontsize=8)
@@ -182,32 +186,44 @@ def trigger_examples_figure(images: np.ndarray, labels: Sequence[str], triggered
     for ax in axes.ravel():  # ticks off, frame kept: a difference image's white edge stays visible
         ax.set_xticks([])
         ax.set_yticks([])
-    _title_and_layout(fig, title)
+    fig.suptitle(title, fontsize=11)
     _savefig(fig, out_png)
     plt.close(fig)
 
 
 def routing_stats_figure(summary_csv: str, out_png: str) -> None:
+    """Per (dataset, model, trigger): how often the trigger patch is routed, against the model's poisoning rate.
+    The models are categories (clean, then each rate), evenly spaced and labelled as such; error bars are ± std
+    over seeds cut at the quantity's valid range."""
     plt = _plt()
     df = pd.read_csv(summary_csv)
     df["rate"] = [parse_attack(a)[1] for a in df.attack]
+    n_exp = sum(c.startswith("expert") and c.endswith("_mean") for c in df.columns)
     groups = list(df.groupby(["dataset", "model", "trigger"]))
-    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.4 * len(groups)), squeeze=False)
-    for (ds, model, trig), g in groups:
-        i = groups.index(((ds, model, trig), g))
-        for j, (metric, label) in enumerate([("reached_fraction", "trigger patch reaches ≥1 expert (%)"),
-                                             ("mean_experts", "experts receiving the trigger patch")]):
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.5 * len(groups) + 0.4), squeeze=False,
+                             layout="constrained")
+    for i, ((ds, model, trig), g) in enumerate(groups):
+        rates = sorted(g.rate.unique())
+        pos = {r: k for k, r in enumerate(rates)}
+        for j, (metric, label, hi) in enumerate([("reached_fraction", "trigger patch reaches ≥1 expert (%)", 100),
+                                                 ("mean_experts", "experts receiving the trigger patch", n_exp)]):
             ax = axes[i, j]
-            for images, style in (("triggered", "-o"), ("untriggered", "--s")):
+            for k, (images, style) in enumerate((("triggered", "-o"), ("untriggered", "--s"))):
                 sub = g[g.images == images].sort_values("rate")
-                ax.errorbar(sub.rate.astype(str), sub[f"{metric}_mean"], yerr=sub[f"{metric}_std"].fillna(0),
+                x = np.array([pos[r] for r in sub.rate]) + (k - 0.5) * 0.08  # dodged: bars side by side
+                ax.errorbar(x, sub[f"{metric}_mean"], yerr=_clipped_err(sub[f"{metric}_mean"], sub[f"{metric}_std"],
+                                                                        0, hi),
                             fmt=style, capsize=3, label=f"{images} test images")
-            ax.set_xlabel("poisoning rate of the model (%; 0 = clean model)")
+            ax.set_xticks(range(len(rates)), ["clean" if r == 0 else f"{r:g} %" for r in rates])
+            ax.set_xlim(-0.4, len(rates) - 0.6)
+            ax.set_xlabel("model: its poisoning rate (categories, evenly spaced)")
             ax.set_ylabel(label)
+            ax.set_ylim(-0.03 * hi, 1.03 * hi)
             ax.set_title(f"{ds} · {model} · {trig} trigger")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9,
+               title="mean ± std over seeds", title_fontsize=9)
     _savefig(fig, out_png)
     plt.close(fig)
 
@@ -220,7 +236,7 @@ def nc_mask_figure(entries: Sequence[tuple[str, str, np.ndarray | None]], target
     from .io import load_tensors
 
     plt = _plt()
-    fig, axes = plt.subplots(len(entries), 3, figsize=(7.2, 2.3 * len(entries)), squeeze=False)
+    fig, axes = _image_grid(plt, len(entries), 3, (2.4, 2.3))
     for i, (label, path, footprint) in enumerate(entries):
         masks, _ = load_tensors(path)
         mask, pattern = masks[f"mask_{target}"].numpy(), masks[f"pattern_{target}"].numpy()
@@ -229,7 +245,9 @@ def nc_mask_figure(entries: Sequence[tuple[str, str, np.ndarray | None]], target
             ax.imshow(footprint, cmap="magma", interpolation="nearest")
             ax.set_title(f"{label}\nreal trigger |x' − x|", fontsize=8)
         else:
-            ax.set_title(f"{label}\n(no trigger)", fontsize=8)
+            ax.set_title(label, fontsize=8)
+            ax.text(0.5, 0.5, "clean model:\nno trigger", ha="center", va="center", fontsize=8, color="0.4",
+                    transform=ax.transAxes)
         im = axes[i, 1].imshow(mask, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
         axes[i, 1].set_title(f"reversed mask, class {target}\nL1 {mask.sum():.1f}", fontsize=8)
         fig.colorbar(im, ax=axes[i, 1], fraction=0.046, pad=0.04)
@@ -238,7 +256,7 @@ def nc_mask_figure(entries: Sequence[tuple[str, str, np.ndarray | None]], target
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    _title_and_layout(fig, title, fontsize=10)
+    fig.suptitle(title, fontsize=10)
     _savefig(fig, out_png)
     plt.close(fig)
 

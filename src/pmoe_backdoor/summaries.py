@@ -1,5 +1,5 @@
 """The study's tables from per-run results: Tables 1-2 (attacks), Table 3 (Fine-Pruning), deployment
-precisions, Neural Cleanse detection and routing statistics; each as CSV, Markdown and LaTeX."""
+precisions, Neural Cleanse detection and routing statistics; each as CSV, Markdown, LaTeX and HTML."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import pandas as pd
 
 from .io import read_json
 from .naming import parse_attack
-from .tables import num, pm, std, write_csv, write_table
+from .tables import frame_cells, num, pm, std, write_csv, write_html, write_table
 
 
-def collect_runs(metric_paths: Sequence[str], out_csv: str) -> pd.DataFrame:
-    """One row per run: dataset, model, attack, trigger, rate, seed, BA, ASR, test loss."""
+def collect_runs(metric_paths: Sequence[str], out_csv: str, out_html: str | None = None) -> pd.DataFrame:
+    """One row per run: dataset, model, attack, trigger, rate, seed, BA, ASR, test loss (and, if asked, the same
+    as an HTML page)."""
     rows = []
     for p in metric_paths:
         m = read_json(p)
@@ -26,21 +27,38 @@ def collect_runs(metric_paths: Sequence[str], out_csv: str) -> pd.DataFrame:
                      "test_loss": m["test_loss"], "path": str(p)})
     df = pd.DataFrame(rows)
     write_csv(df, out_csv)
+    if out_html:
+        datasets = ", ".join(sorted(set(df.get("dataset", []))))
+        title = (f"Every training run of {datasets}: benign accuracy (ba, %), attack success rate (asr, %) and test "
+                 "loss, one row per model, attack and seed")
+        write_html(out_html, *frame_cells(df), title)
     return df
 
 
+def cad_std(clean_ba: pd.Series, attack_ba: pd.Series) -> float:
+    """The spread of CAD over seeds: sqrt(std(CA)² + std(BA)²), the std of one clean run's accuracy minus one
+    attack run's (independent runs), comparable with the tables' other stds over seeds (it is not the standard
+    error of the difference of the means). A side with a single seed has no std and is left out (the other
+    side's std alone); nan when neither side has two seeds, or there is no clean run."""
+    if not len(clean_ba):
+        return float("nan")
+    variances = [std(x) ** 2 for x in (clean_ba, attack_ba) if len(x) > 1]
+    return math.sqrt(sum(variances)) if variances else float("nan")
+
+
 def summarise_attacks(runs: pd.DataFrame, paper: pd.DataFrame | None, dataset: str, paper_name: str) -> pd.DataFrame:
-    """Mean and std over seeds of ASR, BA and CAD (against the mean clean accuracy of the same dataset and
-    model), beside the paper's values and the difference."""
+    """Mean and std over seeds of ASR, BA and CAD (CAD = the mean clean accuracy of the same dataset and model
+    minus the mean BA; its std by :func:`cad_std`), beside the paper's values and the difference."""
     df = runs[runs.dataset == dataset]
-    clean = df[df.attack == "clean"].groupby("model").ba.mean()
+    clean_runs = df[df.attack == "clean"]
+    clean = clean_runs.groupby("model").ba.mean()
     rows = []
     for (model, trigger, rate), g in df.groupby(["model", "trigger", "rate"], sort=True):
-        ca = clean.get(model, np.nan)
+        ca, ca_runs = clean.get(model, np.nan), clean_runs[clean_runs.model == model].ba
         row = {"dataset": dataset, "model": model, "trigger": trigger, "rate": rate, "seeds": len(g),
                "asr_mean": g.asr.mean(), "asr_std": std(g.asr), "ba_mean": g.ba.mean(), "ba_std": std(g.ba),
                "cad_mean": ca - g.ba.mean() if trigger != "clean" else np.nan,
-               "cad_std": std(g.ba) if trigger != "clean" else np.nan}
+               "cad_std": cad_std(ca_runs, g.ba) if trigger != "clean" else np.nan}
         if paper is not None and trigger != "clean":
             hit = paper[(paper.dataset == paper_name) & (paper.trigger == trigger)
                         & np.isclose(paper.poison_rate_percent, rate)]
@@ -57,7 +75,7 @@ def summarise_attacks(runs: pd.DataFrame, paper: pd.DataFrame | None, dataset: s
 
 
 def attack_table(runs_csv: str, paper_csv: str | None, dataset: str, paper_name: str, out_csv: str, out_md: str,
-                 out_tex: str) -> pd.DataFrame:
+                 out_tex: str, out_html: str | None = None) -> pd.DataFrame:
     runs = pd.read_csv(runs_csv)
     paper = pd.read_csv(paper_csv) if paper_csv and Path(paper_csv).is_file() else None
     table = summarise_attacks(runs, paper, dataset, paper_name)
@@ -74,13 +92,15 @@ def attack_table(runs_csv: str, paper_csv: str | None, dataset: str, paper_name:
                      pm(r.cad_mean, r.cad_std), num(getattr(r, "paper_cad", np.nan)),
                      num(getattr(r, "diff_cad", np.nan), signed=True)])
     title = (f"{dataset}: attack success rate (ASR), benign accuracy (BA) and clean accuracy drop (CAD), mean ± std "
-             f"over seeds; paper values for {paper_name}; the clean row's BA is the clean accuracy (CA)")
-    write_table(header, rows, title, out_md, out_tex)
+             f"over seeds; paper values for {paper_name}; the clean row's BA is the clean accuracy (CA); CAD = mean "
+             "CA − mean BA, ± sqrt(std(CA)² + std(BA)²) (one side's std alone where the other has one seed)")
+    write_table(header, rows, title, out_md, out_tex, out_html)
     return table
 
 
 def fine_pruning_table(metric_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str,
-                       paper_csv: str | None = None, paper_names: dict[str, str] | None = None) -> pd.DataFrame:
+                       paper_csv: str | None = None, paper_names: dict[str, str] | None = None,
+                       out_html: str | None = None) -> pd.DataFrame:
     """Table 3: CA and ASR before the defense, after pruning and after fine-tuning, mean ± std over runs,
     with the paper's values (where its garbled Table 3 lets them be recovered) in brackets."""
     rows = []
@@ -123,7 +143,7 @@ def fine_pruning_table(metric_paths: Sequence[str], out_csv: str, out_md: str, o
                      f"{r['prune_rate']:g}", str(r["runs"])] + cells)
     title = ("Fine-Pruning of the experts' layers: clean accuracy (CA) and ASR in %, mean ± std over runs; "
              "[the paper's value] where its Table 3 can be recovered")
-    write_table(header, body, title, out_md, out_tex)
+    write_table(header, body, title, out_md, out_tex, out_html)
     return summary
 
 
@@ -131,7 +151,8 @@ def _defense_label(m: dict) -> str:
     return f"Fine-Pruning {m['fine_pruned']}" if m.get("fine_pruned") else "none"
 
 
-def precision_table(metric_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str) -> pd.DataFrame:
+def precision_table(metric_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str,
+                    out_html: str | None = None) -> pd.DataFrame:
     """ASR and BA of every model as deployed (fp32 / int8 / int4), mean ± std over seeds, and the share of
     routing positions that change against fp32."""
     rows = []
@@ -163,11 +184,12 @@ def precision_table(metric_paths: Sequence[str], out_csv: str, out_md: str, out_
              "per-tensor affine activations calibrated on clean training images; int4: weight-only per-channel "
              "symmetric), mean ± std over seeds; routing Δ: % of top-k positions that differ from fp32 (triggered "
              "test images; clean images for clean models)")
-    write_table(header, body, title, out_md, out_tex)
+    write_table(header, body, title, out_md, out_tex, out_html)
     return summary
 
 
-def detection_table(nc_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str) -> pd.DataFrame:
+def detection_table(nc_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str,
+                    out_html: str | None = None) -> pd.DataFrame:
     """Neural Cleanse detection rate per trigger, rate and precision over models; false positives on clean ones."""
     rows = []
     for p in nc_paths:
@@ -198,11 +220,12 @@ def detection_table(nc_paths: Sequence[str], out_csv: str, out_md: str, out_tex:
              num(r["target_l1"]), num(r["median_l1"]), num(r["seconds"], 0)] for r in summary.to_dict("records")]
     title = ("Neural Cleanse on the models as deployed: share of models flagged (for clean models these are false "
              "positives) and share whose flagged class is the attack's target; mean over models")
-    write_table(header, body, title, out_md, out_tex)
+    write_table(header, body, title, out_md, out_tex, out_html)
     return summary
 
 
-def routing_stats_table(stat_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str) -> pd.DataFrame:
+def routing_stats_table(stat_paths: Sequence[str], out_csv: str, out_md: str, out_tex: str,
+                        out_html: str | None = None) -> pd.DataFrame:
     """Per dataset, model, attack and square trigger: mean ± std over seeds of how often the trigger patch
     reaches the experts, on triggered and on untriggered test images."""
     recs = []
@@ -231,5 +254,5 @@ def routing_stats_table(stat_paths: Sequence[str], out_csv: str, out_md: str, ou
     title = ("Routing of the square trigger's patch over the non-target test set: share of images whose trigger "
              "patch reaches at least one expert, the mean number of experts receiving it, and per expert the share "
              "of images; mean ± std over seeds")
-    write_table(header, body, title, out_md, out_tex)
+    write_table(header, body, title, out_md, out_tex, out_html)
     return summary

@@ -140,7 +140,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: Tra
             if cfg.progress_seconds and now - last_report >= cfg.progress_seconds:
                 last_report = now
                 _log_line(log, f"epoch {epoch}/{cfg.epochs} step {step}/{steps_per_epoch} "
-                               f"{min(start + cfg.batch_size, n) / (now - t0):.0f} img/s")
+                               f"{min(start + cfg.batch_size, n) / (now - t0):.0f} img/s, {now - t0:.0f} s")
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds = time.perf_counter() - t0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..data import load_npz
-from ..poison import make_poison
+from ..poison import PoisonRecord, make_poison
 from ..runtime import derived_seed
 from ..triggers import load_trigger, make_trigger
 
@@ -20,6 +22,15 @@ def make_trigger_file(kind: str, params: dict[str, Any], seed: int, out: str) ->
     trig = make_trigger(kind, params, seed=seed)
     trig.save(out)
     print(f"trigger {kind} {trig.params()}")
+
+
+def clean_record_file(data_path: str, out: str) -> None:
+    """A clean run's poison record: no index replaced (target -1: none), so that every training run reads one."""
+    ds = load_npz(data_path)
+    empty = torch.from_numpy(ds.x_train[:0].copy())
+    PoisonRecord(torch.zeros(0, dtype=torch.int64), empty, -1, {"rate_percent": 0.0, "n_train": len(ds.y_train)}
+                 ).save(out)
+    print(f"clean training set: none of {len(ds.y_train)} training images poisoned")
 
 
 def make_poison_file(data_path: str, trigger_path: str, rate_percent: float, seed: int, target: int,

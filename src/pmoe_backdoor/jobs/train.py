@@ -39,6 +39,9 @@ def training_set(job: JobData, poison_path: str | None) -> tuple[torch.Tensor, t
     if not poison_path:
         return job.x_train, job.y_train
     rec = PoisonRecord.load(poison_path)
+    if not len(rec.indices):  # a clean run's record: the clean set itself, not a copy
+        print("training set: clean (nothing poisoned)")
+        return job.x_train, job.y_train
     print(f"training set poisoned at {len(rec.indices)} indices, target {rec.target}")
     return rec.apply(job.x_train, job.y_train)
 
