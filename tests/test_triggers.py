@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+from importlib import resources
+
 import numpy as np
 import pytest
 import torch
 
 from pmoe_backdoor.triggers import (
+    BLEND_PATTERNS,
+    NATURAL_IMAGE,
+    NATURAL_SOURCE,
     BlendTrigger,
     SquareTrigger,
     WarpTrigger,
+    blend_image_from_file,
     blend_pattern,
     load_trigger,
     make_trigger,
+    natural_blend_image,
     tf_bicubic_matrix,
     warp_noise,
 )
@@ -104,6 +113,73 @@ def test_blend_alpha_matters_and_default_is_half():
     da = (a.int() - x.int()).abs().float().mean()
     db = (b.int() - x.int()).abs().float().mean()
     assert db < da / 3
+
+
+def _neighbour_mad(img: torch.Tensor) -> float:
+    """Mean absolute difference between vertically and horizontally neighbouring pixels, on 0-255."""
+    a = img.numpy().astype(np.int64)
+    return float((np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean()) / 2)
+
+
+def _asset_path():
+    return resources.files("pmoe_backdoor").joinpath("assets", NATURAL_IMAGE)
+
+
+def test_blend_default_pattern_is_the_shipped_natural_image():
+    t = make_trigger("blend")
+    assert isinstance(t, BlendTrigger) and t.source == NATURAL_SOURCE
+    assert t.image.dtype == torch.uint8 and t.image.shape == (32, 32, 3)
+    assert torch.equal(t.image, make_trigger("blend", {"pattern": "natural"}).image)
+    # deterministic and independent of the trigger seed (unlike the noise pattern)
+    assert torch.equal(t.image, make_trigger("blend", seed=123).image)
+    assert torch.equal(t.image, natural_blend_image())
+    # resized exactly like a user's file: RGB, PIL bicubic to 32x32
+    with resources.as_file(_asset_path()) as path:
+        assert torch.equal(t.image, blend_image_from_file(path))
+
+
+def test_blend_natural_image_is_smooth_but_not_flat():
+    natural, noise = natural_blend_image(), blend_pattern(0)
+    assert _neighbour_mad(natural) < _neighbour_mad(noise) / 2.5  # about 28 vs 86 levels of 255
+    assert natural.float().std() > 30  # a real picture with contrast, not a near-constant image
+
+
+def test_blend_asset_matches_its_recorded_provenance():
+    readme = _asset_path().parent.joinpath("README.md").read_text()
+    digest = hashlib.sha256(_asset_path().read_bytes()).hexdigest()
+    recorded = re.search(r"sha256 of the stored file \| `([0-9a-f]{64})`", readme)
+    assert recorded and recorded.group(1) == digest
+    assert "public domain" in readme and NATURAL_IMAGE in readme
+
+
+def test_blend_noise_pattern_unchanged():
+    t = make_trigger("blend", {"pattern": "noise"}, seed=4)
+    assert t.source == "seeded noise (seed 4)"
+    assert torch.equal(t.image, blend_pattern(4))
+    # the pre-existing algorithm: i.i.d. uniform uint8 from numpy's default_rng(seed)
+    expected = np.random.default_rng(4).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(t.image.numpy(), expected)
+    assert not torch.equal(t.image, make_trigger("blend", {"pattern": "noise"}, seed=5).image)
+
+
+def test_blend_image_file_wins_over_pattern(tmp_path):
+    from PIL import Image
+
+    arr = np.random.default_rng(1).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    path = tmp_path / "mine.png"
+    Image.fromarray(arr).save(path)
+    for pattern in BLEND_PATTERNS:
+        t = make_trigger("blend", {"pattern": pattern, "image": str(path)}, seed=2)
+        assert t.source == str(path)
+        assert torch.equal(t.image, blend_image_from_file(path))
+    assert make_trigger("blend", {"image": None}).source == NATURAL_SOURCE  # null image: the pattern
+
+
+@pytest.mark.parametrize("pattern", ["kitty", "Natural", None, ""])
+def test_blend_unknown_pattern_rejected(pattern):
+    with pytest.raises(ValueError, match=r"'pattern' must be one of \['natural', 'noise'\]") as err:
+        make_trigger("blend", {"pattern": pattern})
+    assert repr(pattern) in str(err.value)
 
 
 def test_blend_pattern_seeded():
@@ -278,6 +354,7 @@ def test_warp_noise_properties():
         ("square", {}),
         ("square", {"value": 255, "size": 5, "row": 3, "col": 20}),
         ("blend", {"alpha": 0.3}),
+        ("blend", {"pattern": "noise"}),
         ("warp", {}),
         ("warp", {"sampler": "bilinear", "s": 0.5}),
     ],
@@ -291,6 +368,36 @@ def test_save_load_round_trip(tmp_path, kind, params):
     assert t2.params() == t.params()
     x = _batch(5, seed=1)
     assert torch.equal(t.apply(x), t2.apply(x))
+
+
+@pytest.mark.parametrize(("params", "source"), [({}, NATURAL_SOURCE), ({"pattern": "noise"}, "seeded noise (seed 9)")])
+def test_blend_save_load_records_source(tmp_path, params, source):
+    t = make_trigger("blend", params, seed=9)
+    t.save(tmp_path / "blend.safetensors")
+    t2 = load_trigger(tmp_path / "blend.safetensors")
+    assert t2.source == source and t2.params() == {"alpha": 0.5, "source": source}
+    assert torch.equal(t2.image, t.image)
+
+
+def test_blend_file_source_round_trip(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "mine.png"
+    Image.fromarray(np.full((8, 8, 3), 77, dtype=np.uint8)).save(path)
+    make_trigger("blend", {"image": str(path)}).save(tmp_path / "t.safetensors")
+    assert load_trigger(tmp_path / "t.safetensors").source == str(path)
+
+
+def test_load_trigger_reads_files_saved_before_the_pattern_option(tmp_path):
+    from pmoe_backdoor.io import save_tensors
+
+    # the metadata written by the earlier package version, whose only default was the seeded noise
+    path = tmp_path / "old.safetensors"
+    save_tensors(path, {"image": blend_pattern(3)},
+                 {"kind": "blend", "params": {"alpha": 0.5, "source": "seeded pattern (seed 3)"}})
+    t = load_trigger(path)
+    assert isinstance(t, BlendTrigger) and t.source == "seeded pattern (seed 3)" and t.alpha == 0.5
+    assert torch.equal(t.image, blend_pattern(3))
 
 
 def test_load_trigger_rejects_non_trigger_file(tmp_path):

@@ -2,7 +2,9 @@
 
 Faithful defaults (spec section 4):
 - ``square``: 4x4 at the top-left, value 1 on the 0-255 scale (the authors' effective 1/255 black square);
-- ``blend``: x' = (1 - alpha) x + alpha i with alpha 0.5 on [0, 1];
+- ``blend``: x' = (1 - alpha) x + alpha i with alpha 0.5 on [0, 1]; i is a smooth natural image resized to 32x32
+  (PIL bicubic): by default the public-domain NASA "astronaut" photograph shipped in ``assets/`` (the authors'
+  cartoon is not redistributable), or seeded uniform noise (``pattern: noise``), or the user's own file (``image``);
 - ``warp``: WaNet-style k=2, s=0.25 grid with the authors' truncating nearest-pixel sampler, or ``bilinear``.
 
 Triggered images are stored as uint8, like the clean data: square and truncating warp are exact; blend and
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -75,7 +78,7 @@ class BlendTrigger(Trigger):
     kind: ClassVar[str] = "blend"
     image: torch.Tensor  # uint8 (32, 32, 3)
     alpha: float = 0.5
-    source: str = "seeded pattern"
+    source: str = ""  # which pattern: NATURAL_SOURCE, "seeded noise (seed N)" or the image file's path
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         _check_batch(x)
@@ -89,10 +92,23 @@ class BlendTrigger(Trigger):
         return {"alpha": self.alpha, "source": self.source}
 
 
+BLEND_PATTERNS = ("natural", "noise")
+NATURAL_IMAGE = "astronaut.png"  # in assets/; provenance and licence in assets/README.md
+NATURAL_SOURCE = "natural: astronaut (scikit-image 0.26.0 data/astronaut.png, NASA, public domain)"
+
+
 def blend_pattern(seed: int) -> torch.Tensor:
-    """The package's default blend image: seeded uniform RGB noise, uint8 (32, 32, 3)."""
+    """The ``noise`` blend pattern: seeded i.i.d. uniform RGB noise, uint8 (32, 32, 3)."""
     rng = np.random.default_rng(seed)
     return torch.from_numpy(rng.integers(0, 256, size=(H, W, 3), dtype=np.uint8))
+
+
+def _resize_to_32(im: Any) -> torch.Tensor:
+    """A PIL image as RGB uint8 (32, 32, 3), resized with PIL's bicubic (its default, as the authors)."""
+    from PIL import Image
+
+    arr = np.asarray(im.convert("RGB").resize((W, H), Image.BICUBIC), dtype=np.uint8)
+    return torch.from_numpy(arr.copy())
 
 
 def blend_image_from_file(path: str | os.PathLike) -> torch.Tensor:
@@ -103,8 +119,16 @@ def blend_image_from_file(path: str | os.PathLike) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"blend trigger image {path}: no such file")
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB").resize((W, H), Image.BICUBIC), dtype=np.uint8)
-    return torch.from_numpy(arr.copy())
+        return _resize_to_32(im)
+
+
+def natural_blend_image() -> torch.Tensor:
+    """The ``natural`` blend pattern (the default): the shipped public-domain photograph (square, 96x96), resized
+    to 32x32 like a user's file (RGB, PIL bicubic)."""
+    from PIL import Image
+
+    with resources.files(__package__).joinpath("assets", NATURAL_IMAGE).open("rb") as f, Image.open(f) as im:
+        return _resize_to_32(im)
 
 
 def _keys_cubic(d: np.ndarray, a: float = -0.5) -> np.ndarray:
@@ -191,7 +215,7 @@ def make_trigger(kind: str, params: dict[str, Any] | None = None, seed: int = 0)
     """Build a trigger from its kind and a config block (unknown keys are an error naming them)."""
     params = dict(params or {})
     allowed = {"square": {"size", "value", "row", "col"},
-               "blend": {"alpha", "image"},
+               "blend": {"alpha", "pattern", "image"},
                "warp": {"k", "s", "grid_rescale", "sampler"}}
     if kind not in allowed:
         raise ValueError(f"trigger kind must be one of {TRIGGER_KINDS}, got {kind!r}")
@@ -208,10 +232,15 @@ def make_trigger(kind: str, params: dict[str, Any] | None = None, seed: int = 0)
         alpha = float(params.get("alpha", 0.5))
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"trigger 'blend': alpha must lie in (0, 1], got {alpha}")
+        pattern = params.get("pattern", "natural")
+        if pattern not in BLEND_PATTERNS:
+            raise ValueError(f"trigger 'blend': 'pattern' must be one of {list(BLEND_PATTERNS)}, got {pattern!r}")
         path = params.get("image")
-        if path:
+        if path:  # the user's own image wins over the pattern
             return BlendTrigger(blend_image_from_file(path), alpha, str(path))
-        return BlendTrigger(blend_pattern(seed), alpha, f"seeded pattern (seed {seed})")
+        if pattern == "natural":
+            return BlendTrigger(natural_blend_image(), alpha, NATURAL_SOURCE)
+        return BlendTrigger(blend_pattern(seed), alpha, f"seeded noise (seed {seed})")
     return WarpTrigger.generate(k=params.get("k", 2), s=params.get("s", 0.25),
                                 grid_rescale=params.get("grid_rescale", 1.0), seed=seed,
                                 sampler=params.get("sampler", "truncate"))
