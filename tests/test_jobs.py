@@ -17,7 +17,7 @@ from pmoe_backdoor.jobs.data import prepare_data
 from pmoe_backdoor.jobs.defense import fine_prune_job, prune_sweep_job
 from pmoe_backdoor.jobs.deploy import deploy_eval_job, neural_cleanse_job
 from pmoe_backdoor.jobs.evaluate import evaluate_job
-from pmoe_backdoor.jobs.poison import make_poison_file, make_trigger_file, trigger_seed
+from pmoe_backdoor.jobs.poison import clean_record_file, make_poison_file, make_trigger_file, trigger_seed
 from pmoe_backdoor.jobs.train import train_job
 from pmoe_backdoor.poison import PoisonRecord
 
@@ -52,6 +52,14 @@ def test_prepare_data_writes_the_canonical_npz(study):
 def test_poison_job_stores_int_rate_times_n_indices(study):
     rec = PoisonRecord.load(study["poison"])
     assert len(rec.indices) == int(0.10 * 192) and rec.target == 0
+
+
+def test_clean_record_poisons_nothing(study, tmp_path):
+    out = tmp_path / "clean.safetensors"
+    clean_record_file(study["data"], str(out))
+    job = JobData.open(study["data"], "cpu")
+    x, y = PoisonRecord.load(out).apply(job.x_train, job.y_train)
+    assert torch.equal(x, job.x_train) and torch.equal(y, job.y_train)
 
 
 def test_trigger_seed_draws_a_new_warp_grid_per_run_but_one_blend_pattern():
