@@ -4,6 +4,7 @@ import copy
 import functools
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.common.configfile import load_configfile
 from snakemake.exceptions import WorkflowError
@@ -94,6 +95,8 @@ wildcard_constraints:
     rate=r"[0-9]+(\.[0-9]+)?",
     attack=r"clean|[A-Za-z0-9_]+-[0-9]+(\.[0-9]+)?",
     seed=r"[0-9]+",
+    first=r"[0-9]+",
+    last=r"[0-9]+",
     prune=r"[0-9]+(\.[0-9]+)?",
     variant="authors|clean",
     precision="fp32|int8|int4",
@@ -107,6 +110,32 @@ def canonical(value):
     if isinstance(value, list):
         return [canonical(v) for v in value]
     return value
+
+
+# the training settings of one run (`pack` only says how runs are grouped into jobs, so it is not one of them)
+TRAIN = canonical({k: v for k, v in config["train"].items() if k != "pack"})
+PACK = config["train"]["pack"]
+
+
+def seed_packs(n):
+    """Seeds 0..n-1 in groups of `train.pack` consecutive seeds (the last group may be smaller)."""
+    return [list(range(start, min(start + PACK, n))) for start in range(0, n, PACK)]
+
+
+def pack_runs(wildcards):
+    """The runs (dataset, model, attack, seed wildcards) of the pack seeds{first}-{last}."""
+    return [
+        SimpleNamespace(**{**dict(wildcards.items()), "seed": str(s)})
+        for s in range(int(wildcards.first), int(wildcards.last) + 1)
+    ]
+
+
+def pack_of_run(wildcards):
+    """The packed job's folder that trains this run."""
+    n = len(seeds_for(wildcards.attack))
+    pack = next(p for p in seed_packs(n) if int(wildcards.seed) in p)
+    run = f"{RESULTS}/{wildcards.dataset}/{wildcards.model}/{wildcards.attack}"
+    return f"{run}/packs/seeds{pack[0]}-{pack[-1]}"
 
 
 def seeds_for(attack):

@@ -11,7 +11,7 @@ rule fine_prune:
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/weights.safetensors",
     params:
         fine_pruning=canonical({k: FP[k] for k in FP_JOB_KEYS}),
-        train=canonical(config["train"]),
+        train=TRAIN,
         target=config["attack"]["target"],
         device=config["device"],
         jobs_per_gpu=config["resources"]["jobs_per_gpu"],

@@ -20,9 +20,9 @@ def gpu_rules() -> set[str]:
     """Rules whose resources ask for a GPU (gpu=1), read from rules/*.smk (`use rule` copies included)."""
     found = set()
     for smk in (REPO / "rules").glob("*.smk"):
-        blocks = re.split(r"^(?=rule |use rule )", smk.read_text(), flags=re.M)
+        blocks = re.split(r"^(?=\s*(?:rule |use rule ))", smk.read_text(), flags=re.M)
         for block in blocks:
-            name = re.match(r"(?:rule (\w+)|use rule \w+ as (\w+))", block)
+            name = re.match(r"\s*(?:rule (\w+)|use rule \w+ as (\w+))", block)
             if name and re.search(r"^\s+gpu=1,", block, flags=re.M):
                 found.add(name.group(1) or name.group(2))
     return found
@@ -31,7 +31,7 @@ def gpu_rules() -> set[str]:
 def test_every_gpu_rule_goes_to_the_gpu_partition():
     profile = yaml.safe_load(SLURM.read_text())
     rules = gpu_rules()
-    assert {"train_model", "fine_prune", "neural_cleanse"} <= rules
+    assert {"train_model", "train_pack", "fine_prune", "neural_cleanse"} <= rules
     cpu_partition = profile["default-resources"]["slurm_partition"]
     for rule in rules:
         settings = profile["set-resources"].get(rule)

@@ -255,3 +255,29 @@ def test_relative_data_paths_follow_the_config_file_that_sets_them(tmp_path: Pat
     shared.unlink()
     missing = plan("--configfile", str(cfg))
     assert missing.returncode != 0 and str(shared) in missing.stdout + missing.stderr
+
+
+def test_packed_training_gives_each_run_its_own_files(tmp_path):
+    """train.pack: 2 trains clean seeds 0 and 1 in one job; each run lands in its own folder with the files a job of
+    its own writes, and the same training up to float rounding order (grouped kernels sum in another order, which
+    30 SGD steps amplify: the library tests pin the equivalence tighter, tests/test_packed.py)."""
+    targets = [f"results/synth/pmoe/clean/seed{s}/{name}" for s in (0, 1) for name in ("weights.safetensors",
+                                                                                         "history.json")]
+    snakemake(tmp_path / "alone", *targets)
+    packed_cfg = write_config(tmp_path / "packed.yaml", **{"train.pack": 2})
+    snakemake(tmp_path / "packed", *targets, configfile=packed_cfg)
+    packed = tmp_path / "packed" / "results"
+    assert (packed / "synth/pmoe/clean/packs/seeds0-1").is_dir()
+    assert (packed / "logs/train_model/synth/pmoe/clean/seeds0-1.log").is_file()
+    for seed in (0, 1):
+        run = f"synth/pmoe/clean/seed{seed}/history.json"
+        alone = json.loads((tmp_path / "alone" / "results" / run).read_text())
+        together = json.loads((packed / run).read_text())
+        assert together["seed"] == alone["seed"] == seed
+        assert len(together["epochs"]) == len(alone["epochs"]) and len(together["routing"]) == len(alone["routing"])
+        first, first_alone = together["epochs"][0], alone["epochs"][0]
+        assert first["train_loss"] == pytest.approx(first_alone["train_loss"], rel=1e-3)
+        assert together["epochs"][-1]["test_acc"] == pytest.approx(alone["epochs"][-1]["test_acc"], abs=0.05)
+    # a second run finds nothing to do: the links are complete outputs
+    again = snakemake(tmp_path / "packed", *targets, configfile=packed_cfg)
+    assert "Nothing to be done" in again.stdout + again.stderr

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..checkpoint import model_from_spec, save_model
-from ..io import write_json
+from ..io import atomic_path, write_json
+from ..packed import fit_packed
 from ..poison import PoisonRecord
 from ..runtime import derived_seed, seed_everything
 from ..train import Probe, TrainConfig, fit
@@ -46,20 +50,72 @@ def training_set(job: JobData, poison_path: str | None) -> tuple[torch.Tensor, t
     return rec.apply(job.x_train, job.y_train)
 
 
+def build_run(job: JobData, model_spec: dict[str, Any], train_cfg: dict[str, Any], seed: int,
+              poison_path: str | None, trigger_path: str | None, probes: int
+              ) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor], TrainConfig, Probe | None]:
+    """One run's model (initialised from the run seed), training set, training config and probe: the same for a
+    run trained alone and for one trained in a pack."""
+    data = training_set(job, poison_path)
+    trigger = load_trigger(trigger_path) if trigger_path else None
+    cfg = TrainConfig.from_dict(dict(train_cfg, seed=derived_seed(seed, "shuffle")))
+    seed_everything(derived_seed(seed, "init"))
+    return model_from_spec(model_spec, job.num_classes), data, cfg, probe_for(job, probes, trigger)
+
+
+def save_run(job: JobData, model: torch.nn.Module, model_spec: dict[str, Any], history: dict[str, Any], seed: int,
+             wall_seconds: float, out_weights: str, out_history: str) -> None:
+    history["seed"] = seed
+    history["wall_seconds"] = wall_seconds
+    save_model(model, model_spec, job.num_classes, out_weights, {"seed": seed})
+    write_json(out_history, history)
+
+
 def train_job(data_path: str, model_spec: dict[str, Any], train_cfg: dict[str, Any], seed: int, out_weights: str,
               out_history: str, poison_path: str | None, trigger_path: str | None, device: str,
               probes: int) -> None:
     t_start = time.perf_counter()
     job = JobData.open(data_path, device)
-    x_train, y_train = training_set(job, poison_path)
-    trigger = load_trigger(trigger_path) if trigger_path else None
-    cfg = TrainConfig.from_dict(dict(train_cfg, seed=derived_seed(seed, "shuffle")))
-    seed_everything(derived_seed(seed, "init"))
-    model = model_from_spec(model_spec, job.num_classes)
+    model, (x_train, y_train), cfg, probe = build_run(job, model_spec, train_cfg, seed, poison_path, trigger_path,
+                                                      probes)
     print(f"device {job.device}, threads {torch.get_num_threads()}, start-up {time.perf_counter() - t_start:.1f} s")
-    history = fit(model, x_train, y_train, cfg, job.x_test, job.y_test, probe=probe_for(job, probes, trigger),
-                  device=job.device, log=sys.stderr)
-    history["seed"] = seed
-    history["wall_seconds"] = time.perf_counter() - t_start
-    save_model(model, model_spec, job.num_classes, out_weights, {"seed": seed})
-    write_json(out_history, history)
+    history = fit(model, x_train, y_train, cfg, job.x_test, job.y_test, probe=probe, device=job.device,
+                  log=sys.stderr)
+    save_run(job, model, model_spec, history, seed, time.perf_counter() - t_start, out_weights, out_history)
+
+
+def train_pack_job(data_path: str, model_spec: dict[str, Any], train_cfg: dict[str, Any], seeds: list[int],
+                   out_weights: list[str], out_histories: list[str], poison_paths: list[str | None],
+                   trigger_paths: list[str | None], device: str, probes: int) -> None:
+    """Train the runs of several seeds as one packed computation (``fit_packed``); each run's files are the same
+    as :func:`train_job` writes for it, up to float rounding order."""
+    if not len(seeds) == len(out_weights) == len(out_histories) == len(poison_paths) == len(trigger_paths):
+        raise ValueError("train_pack_job: seeds, outputs, poison and trigger paths must have one entry per run")
+    t_start = time.perf_counter()
+    job = JobData.open(data_path, device)
+    runs = [build_run(job, model_spec, train_cfg, seed, poison, trigger, probes)
+            for seed, poison, trigger in zip(seeds, poison_paths, trigger_paths)]
+    models, datasets, cfgs, run_probes = (list(column) for column in zip(*runs))
+    print(f"device {job.device}, pack of {len(seeds)} (seeds {seeds}), threads {torch.get_num_threads()}, "
+          f"start-up {time.perf_counter() - t_start:.1f} s")
+    histories = fit_packed(models, datasets, cfgs, job.x_test, job.y_test, probes=run_probes, device=job.device,
+                           log=sys.stderr)
+    wall = time.perf_counter() - t_start
+    for model, history, seed, weights, out_history in zip(models, histories, seeds, out_weights, out_histories):
+        save_run(job, model, model_spec, history, seed, wall, weights, out_history)
+
+
+def pack_run_files(pack_dir: str, seed: int) -> tuple[str, str]:
+    """Where a packed job keeps one run's weights and history inside its folder."""
+    return f"{pack_dir}/seed{seed}/weights.safetensors", f"{pack_dir}/seed{seed}/history.json"
+
+
+def link_run(pack_dir: str, seed: int, out_weights: str, out_history: str) -> None:
+    """Put one run of a packed job into its own result folder: a hard link where the file system allows (no copy
+    of the weights), else a copy; either appears at once under its final name."""
+    for src, dst in zip(pack_run_files(pack_dir, seed), (out_weights, out_history)):
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
