@@ -25,9 +25,7 @@ from typing import Any, Sequence, TextIO
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .evaluate import predict_logits
 from .packed_model import (
     PackedModels,
     check_pack_memory,
@@ -38,7 +36,7 @@ from .packed_model import (
     packed_step,
 )
 from .runtime import effective_precision, resolve_device
-from .train import Probe, TrainConfig, fit, prepare_model, recalibrate_bn, record_routing
+from .train import Probe, TrainConfig, finish_epoch, fit, prepare_model, record_routing
 
 
 def check_pack_configs(cfgs: Sequence[TrainConfig]) -> None:
@@ -129,22 +127,10 @@ def _train(models, datasets, cfgs, x_test, y_test, probes, device, log, mode) ->
         train_seconds = time.perf_counter() - t0
         packed.write_back()
         loss_host, correct_host = loss_sum.tolist(), correct.tolist()
-        last = epoch == cfg.epochs
         for k, (model, probe, hist) in enumerate(zip(models, probes, histories)):
             row = {"epoch": epoch, "train_loss": loss_host[k] / n, "train_acc": correct_host[k] / n,
                    "train_seconds": train_seconds, "images_per_s": n / train_seconds}
-            if last and cfg.recalibrate_bn:
-                recalibrate_bn(model, x_all[k], cfg.eval_batch_size, device, precision, cfg.channels_last)
-            if x_test is not None and (last or (cfg.eval_every and epoch % cfg.eval_every == 0)):
-                t1 = time.perf_counter()
-                logits = predict_logits(model, x_test, device, cfg.eval_batch_size, precision, cfg.channels_last)
-                yt = y_test.to(logits.device)
-                row["test_loss"] = F.cross_entropy(logits, yt).item()
-                row["test_acc"] = (logits.argmax(1) == yt).float().mean().item()
-                row["eval_seconds"] = time.perf_counter() - t1
-            if probe is not None:
-                hist["routing"].append(record_routing(model, probe, device, cfg.channels_last))
-            hist["epochs"].append(row)
+            finish_epoch(model, row, hist, cfg, epoch, x_all[k], x_test, y_test, probe, device, precision)
             _log(log, f"model {k + 1}/{k_models} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} "
                       f"acc {row['train_acc']:.4f}" + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
         _log(log, f"epoch {epoch}/{cfg.epochs}: {k_models} packed models, {k_models * n / train_seconds:.0f} img/s "

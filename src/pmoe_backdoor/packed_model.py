@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
-from .runtime import autocast, effective_precision, resolve_device
+from .runtime import autocast, compiled_or_eager, effective_precision, resolve_device
 from .train import TrainConfig, prepare_model
 
 PACK_MODES = ("vmap", "loop")
@@ -114,39 +114,9 @@ def packed_optimizer(packed: PackedModels, cfg: TrainConfig) -> torch.optim.SGD:
                            weight_decay=cfg.weight_decay)
 
 
-class _EagerFallback:
-    """Calls the compiled forward; if compilation fails on first use, uses the eager one from then on."""
-
-    def __init__(self, compiled: Callable, eager: Callable, log: TextIO | None):
-        self.compiled, self.eager, self.log, self.ok = compiled, eager, log, None
-
-    def __call__(self, x):
-        if self.ok is False:
-            return self.eager(x)
-        try:
-            out = self.compiled(x)
-            self.ok = True
-            return out
-        except Exception as exc:
-            if self.ok:  # it worked before: a real error, not a compiler problem
-                raise
-            self.ok = False
-            if self.log is not None:
-                print(f"note: torch.compile of the packed forward failed ({type(exc).__name__}: {exc}); "
-                      "training eagerly", file=self.log, flush=True)
-            return self.eager(x)
-
-
 def packed_forward(packed: PackedModels, compile: bool, log: TextIO | None) -> Callable:
     """The packed forward, compiled with an eager fallback when ``compile``."""
-    if not compile:
-        return packed.forward
-    try:
-        return _EagerFallback(torch.compile(packed.forward), packed.forward, log)
-    except Exception as exc:  # pragma: no cover - depends on the platform's compiler
-        if log is not None:
-            print(f"note: torch.compile unavailable ({exc}); training eagerly", file=log, flush=True)
-        return packed.forward
+    return compiled_or_eager(packed.forward, compile, log, "the packed forward")
 
 
 def _structure(model: nn.Module) -> list[tuple]:

@@ -14,7 +14,7 @@ import time
 import traceback
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TextIO
 
 import numpy as np
 import torch
@@ -152,3 +152,40 @@ def claim_device(device: str = "auto", lock_dir: str | os.PathLike | None = None
                     fh.close()
                 return
         time.sleep(poll_seconds)  # more jobs than slots (--resources gpu exceeds them): wait for one
+
+
+class _EagerFallback:
+    """Calls the compiled function; if compilation fails on first use, uses the eager one from then on."""
+
+    def __init__(self, compiled: Callable, eager: Callable, log: TextIO | None, what: str):
+        self.compiled, self.eager, self.log, self.what, self.ok = compiled, eager, log, what, None
+
+    def __call__(self, *args):
+        if self.ok is False:
+            return self.eager(*args)
+        try:
+            out = self.compiled(*args)
+            self.ok = True
+            return out
+        except Exception as exc:
+            if self.ok:  # it worked before: a real error, not a compiler problem
+                raise
+            self.ok = False
+            _note(self.log, f"torch.compile of {self.what} failed ({type(exc).__name__}: {exc}); running eagerly")
+            return self.eager(*args)
+
+
+def compiled_or_eager(fn: Callable, compile: bool, log: TextIO | None, what: str) -> Callable:
+    """``fn`` compiled by torch.compile when asked, falling back to ``fn`` itself wherever compiling fails."""
+    if not compile:
+        return fn
+    try:
+        return _EagerFallback(torch.compile(fn), fn, log, what)
+    except Exception as exc:  # pragma: no cover - depends on the platform's compiler
+        _note(log, f"torch.compile unavailable ({exc}); running {what} eagerly")
+        return fn
+
+
+def _note(log: TextIO | None, msg: str) -> None:
+    if log is not None:
+        print(f"note: {msg}", file=log, flush=True)

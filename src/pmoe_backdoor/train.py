@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .runtime import PRECISIONS, autocast, effective_precision, resolve_device, to_input
+from .runtime import PRECISIONS, autocast, compiled_or_eager, effective_precision, resolve_device, to_input
 
 
 @dataclass
@@ -111,7 +111,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: Tra
     n = x_dev.shape[0]
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
-    step_model = _maybe_compile(model, cfg, log)
+    step_model = compiled_or_eager(model, cfg.compile, log, "the model")
     gen = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, Any] = {"config": asdict(cfg), "device": str(device), "precision": precision,
                                "epochs": [], "routing": [], "probe_names": probe.names if probe else []}
@@ -146,25 +146,33 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: Tra
         train_seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
                "train_seconds": train_seconds, "images_per_s": n / train_seconds}
-        last = epoch == cfg.epochs
-        if last and cfg.recalibrate_bn:
-            recalibrate_bn(model, x_dev, cfg.eval_batch_size, device, precision, cfg.channels_last)
-        if x_test is not None and (last or (cfg.eval_every and epoch % cfg.eval_every == 0)):
-            from .evaluate import predict_logits
-
-            t1 = time.perf_counter()
-            logits = predict_logits(model, x_test, device, cfg.eval_batch_size, precision, cfg.channels_last)
-            yt = y_test.to(logits.device)
-            row["test_loss"] = F.cross_entropy(logits, yt).item()
-            row["test_acc"] = (logits.argmax(1) == yt).float().mean().item()
-            row["eval_seconds"] = time.perf_counter() - t1
-        if probe is not None:
-            history["routing"].append(record_routing(model, probe, device, cfg.channels_last))
-        history["epochs"].append(row)
+        finish_epoch(model, row, history, cfg, epoch, x_dev, x_test, y_test, probe, device, precision)
         _log_line(log, "epoch {epoch}/{total}: loss {train_loss:.4f} acc {train_acc:.4f} ".format(
             total=cfg.epochs, **row) + (f"test_acc {row['test_acc']:.4f} " if "test_acc" in row else "")
             + f"({row['images_per_s']:.0f} img/s, {train_seconds:.1f} s)")
     return history
+
+
+def finish_epoch(model: nn.Module, row: dict[str, Any], history: dict[str, Any], cfg: TrainConfig, epoch: int,
+                 x_train: torch.Tensor, x_test: torch.Tensor | None, y_test: torch.Tensor | None, probe: Probe | None,
+                 device: torch.device, precision: str) -> None:
+    """After an epoch's steps: recalibrate BN after the last one (if asked), evaluate the clean test set when due,
+    record the probe's routing, and append the epoch's row to the history (shared by ``fit`` and ``fit_packed``)."""
+    from .evaluate import predict_logits  # evaluate imports runtime only; imported here, train stays its base
+
+    last = epoch == cfg.epochs
+    if last and cfg.recalibrate_bn:
+        recalibrate_bn(model, x_train, cfg.eval_batch_size, device, precision, cfg.channels_last)
+    if x_test is not None and (last or (cfg.eval_every and epoch % cfg.eval_every == 0)):
+        t1 = time.perf_counter()
+        logits = predict_logits(model, x_test, device, cfg.eval_batch_size, precision, cfg.channels_last)
+        yt = y_test.to(logits.device)
+        row["test_loss"] = F.cross_entropy(logits, yt).item()
+        row["test_acc"] = (logits.argmax(1) == yt).float().mean().item()
+        row["eval_seconds"] = time.perf_counter() - t1
+    if probe is not None:
+        history["routing"].append(record_routing(model, probe, device, cfg.channels_last))
+    history["epochs"].append(row)
 
 
 @torch.no_grad()
@@ -184,36 +192,3 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int, device: t
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.train(was_training)
-
-
-def _maybe_compile(model: nn.Module, cfg: TrainConfig, log: TextIO | None) -> nn.Module:
-    if not cfg.compile:
-        return model
-    try:
-        compiled = torch.compile(model)
-    except Exception as exc:  # pragma: no cover - depends on the platform's compiler
-        _log_line(log, f"note: torch.compile unavailable ({exc}); training eagerly")
-        return model
-    return _FallbackModule(compiled, model, log)
-
-
-class _FallbackModule(nn.Module):
-    """Calls the compiled module; if compilation fails on first use, falls back to the eager one."""
-
-    def __init__(self, compiled: nn.Module, eager: nn.Module, log: TextIO | None):
-        super().__init__()
-        self.compiled, self.eager, self.log, self.ok = compiled, eager, log, None
-
-    def forward(self, x):
-        if self.ok is False:
-            return self.eager(x)
-        try:
-            out = self.compiled(x)
-            self.ok = True
-            return out
-        except Exception as exc:
-            if self.ok:  # it worked before: a real error, not a compiler problem
-                raise
-            self.ok = False
-            _log_line(self.log, f"note: torch.compile failed ({type(exc).__name__}: {exc}); training eagerly")
-            return self.eager(x)
