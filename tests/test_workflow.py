@@ -65,10 +65,9 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("smoke")
-    snakemake(workdir)
-    return workdir
+def smoke_run(smoke_workdir: Path) -> Path:
+    """The session's one finished smoke run (tests/conftest.py); a test that changes it puts it back."""
+    return smoke_workdir
 
 
 def test_smoke_config_completes_with_every_output(smoke_run: Path):
