@@ -15,7 +15,6 @@ from pmoe_backdoor.data import (
     Dataset,
     DatasetError,
     load_npz,
-    load_source,
     load_torchvision,
     make_synthetic,
     stratified_subset,
@@ -29,6 +28,7 @@ from pmoe_backdoor.datafiles import (
     source_digest,
 )
 from pmoe_backdoor.imagefolder import load_image_folder
+from pmoe_backdoor.sources import load_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -79,7 +79,8 @@ def test_offline_download_names_the_dataset_and_the_way_out(monkeypatch, tmp_pat
 
     import torchvision
 
-    from pmoe_backdoor.data import DatasetError, load_source
+    from pmoe_backdoor.data import DatasetError
+    from pmoe_backdoor.sources import load_source
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")

@@ -89,7 +89,20 @@ HW=$(slurmd -C | head -1 | sed -E 's/^NodeName=[^ ]+ //')
 CPUS=$(sed -E 's/.*CPUs=([0-9]+).*/\1/' <<<"$HW")
 MEM=$(sed -E 's/.*RealMemory=([0-9]+).*/\1/' <<<"$HW")
 [ "$MEM" -ge 4000 ] || say "warning: $MEM MB of memory; profiles/slurm asks 4000 MB per CPU job, which cannot run here"
+# fake GPUs: slurmd drops a GPU without a device file, and warns about one that is not a device, so each is a
+# character device node like /dev/null (1,3); where mknod is not allowed, /dev/null itself: one fake GPU
 GPUS=$CPUS  # one fake GPU per CPU: GPU jobs run as many at once as the CPUs allow, like the local run's
+FAKE=/var/lib/slurm/fake-gpus
+mkdir -p "$FAKE"
+for ((k = 0; k < GPUS; k++)); do
+  [ -c "$FAKE/gpu$k" ] || mknod "$FAKE/gpu$k" c 1 3 2>/dev/null || { GPUS=0; break; }
+done
+if [ "$GPUS" = 0 ]; then
+  GPUS=1 GPU_FILES=/dev/null
+  say "mknod not allowed: one fake GPU (/dev/null)"
+else
+  GPU_FILES="$FAKE/gpu[0-$((GPUS - 1))]"
+fi
 
 new_conf=$(cat <<EOF
 $MARK
@@ -125,7 +138,7 @@ PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
 EOF
 )
-new_gres=$(printf '%s\nAutoDetect=off\nNodeName=%s Name=gpu Count=%s\n' "$MARK" "$NODE" "$GPUS")
+new_gres=$(printf '%s\nAutoDetect=off\nNodeName=%s Name=gpu File=%s\n' "$MARK" "$NODE" "$GPU_FILES")
 new_dbd=$(cat <<EOF
 $MARK
 AuthType=auth/munge
@@ -213,6 +226,7 @@ for ((i = 0; i < 120; i++)); do
   state=$(node_state)
   case $state in
     idle | mixed | allocated) break ;;
+    inval*) break ;;  # slurm.conf does not match what slurmd found: waiting will not help
     down* | drain* | *fail*)  # a node left down by an earlier run (e.g. a reboot): bring it back
       [ $i = 10 ] && scontrol update nodename="$NODE" state=resume 2>/dev/null ;;
   esac
