@@ -43,6 +43,7 @@ include: "rules/defense.smk"
 include: "rules/analysis.smk"
 include: "rules/deploy.smk"
 include: "rules/report.smk"
+include: "rules/merging.smk"
 
 
 rule all:

@@ -100,6 +100,11 @@ wildcard_constraints:
     prune=r"[0-9]+(\.[0-9]+)?",
     variant="authors|clean",
     precision="fp32|int8|int4",
+    victim=r"[A-Za-z0-9_]+",
+    replica=r"[0-9]+",
+    coupling="free|tied",
+    n=r"[0-9]+",
+    set=r"[A-Za-z0-9_]+",
 
 
 def canonical(value):
@@ -216,6 +221,100 @@ def prune_sweep_targets():
     return [f"{run}/prune_sweep.json" for run in fine_prune_runs()]
 
 
+# ----- merging (issue 11) -----
+
+MERGE = config["merging"]
+REPLICA_SEED_STEP = 100  # a trigger's second victim in a set is poisoned with run seed + 100, its third + 200, ...
+
+
+def check_merging(cfg):
+    merge = cfg["merging"]
+    if not merge["enabled"]:
+        return
+    if cfg["models"].get(merge["model"], {}).get("arch") != "pmoe":
+        raise ValueError(f"config: merging.model {merge['model']!r} must name a pmoe model of 'models'")
+    for name in merge["datasets"]:
+        if name not in cfg["datasets"]:
+            raise ValueError(f"config: merging.datasets names {name!r}, which is not in 'datasets'")
+    if merge["seeds"] > cfg["seeds"]["clean"]:
+        raise ValueError(f"config: merging.seeds ({merge['seeds']}) exceeds seeds.clean ({cfg['seeds']['clean']}): "
+                         "each ancestor is the clean run of its seed")
+    for name, members in merge["sets"].items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise ValueError(f"config: merging.sets name {name!r} must be letters, digits or '_'")
+        for member in members:
+            if member != "benign" and member not in cfg["attack"]["triggers"]:
+                raise ValueError(f"config: merging.sets.{name} names {member!r}: not 'benign' nor in attack.triggers")
+
+
+def set_victims(name):
+    """The victims of a merging set in order, as (label, trigger or 'benign', replica): replica k of a trigger is
+    its (k+1)-th mention in the set."""
+    seen = {}
+    victims = []
+    for member in MERGE["sets"][name]:
+        replica = seen.get(member, 0)
+        seen[member] = replica + 1
+        victims.append((member if replica == 0 else f"{member}#{replica + 1}", member, replica))
+    return victims
+
+
+def victim_dir(dataset, model, victim, replica, seed):
+    return f"{RESULTS}/{dataset}/{model}/merging/victims/{victim}/r{replica}/seed{seed}"
+
+
+def victim_poison(wildcards):
+    """The victim's training set: clean for 'benign', else its trigger at merging.rate with its own poison seed."""
+    if wildcards.victim == "benign":
+        return f"{RESULTS}/{wildcards.dataset}/poison/clean.safetensors"
+    seed = int(wildcards.seed) + REPLICA_SEED_STEP * int(wildcards.replica)
+    return f"{RESULTS}/{wildcards.dataset}/poison/{attack_name(wildcards.victim, MERGE['rate'])}/seed{seed}.safetensors"
+
+
+def set_victim_weights(wildcards):
+    return [
+        f"{victim_dir(wildcards.dataset, wildcards.model, trig, rep, wildcards.seed)}/weights.safetensors"
+        for _, trig, rep in set_victims(wildcards.set)
+    ]
+
+
+def set_triggers(wildcards):
+    """Each poisoned victim's trigger, by victim label (the merged models' ASR is measured for each)."""
+    return {
+        label: f"{RESULTS}/{wildcards.dataset}/triggers/{trig}/seed{int(wildcards.seed) + REPLICA_SEED_STEP * rep}"
+        ".safetensors"
+        for label, trig, rep in set_victims(wildcards.set)
+        if trig != "benign"
+    }
+
+
+def strategy_file(n, coupling):
+    return f"{RESULTS}/merging/strategies/n{n}_{coupling}.json"
+
+
+def merging_results(dataset):
+    return [
+        f"{RESULTS}/{dataset}/{MERGE['model']}/merging/{name}/seed{s}/{c}/selection.json"
+        for name in MERGE["sets"]
+        for s in range(MERGE["seeds"])
+        for c in MERGE["couplings"]
+    ]
+
+
+def merging_strategies():
+    return sorted({(len(m), c) for m in MERGE["sets"].values() for c in MERGE["couplings"]})
+
+
+def merging_targets():
+    if not MERGE["enabled"]:
+        return []
+    targets = [f"{RESULTS}/tables/merging_{d}.{ext}" for d in MERGE["datasets"] for ext in ("csv", "md", "tex")]
+    return targets + [f"{RESULTS}/figures/msd_strategies.png"]
+
+
+check_merging(config)
+
+
 def report_targets():
     targets = [f"{RESULTS}/tables/runs_{d}.csv" for d in DATASETS] + [f"{RESULTS}/figures/asr_ba_vs_rate.png"]
     targets += [f"{RESULTS}/tables/attacks_{d}.{ext}" for d in DATASETS for ext in ("csv", "md", "tex")]
@@ -297,7 +396,7 @@ def beyond_targets():
 
 
 def all_targets():
-    targets = report_targets() + analysis_targets() + beyond_targets()
+    targets = report_targets() + analysis_targets() + beyond_targets() + merging_targets()
     # what the report shows besides figures: each table's HTML page (from the table's own job), the config record
     tables = [t for t in targets if t.startswith(f"{RESULTS}/tables/") and t.endswith((".md", ".csv"))]
     pages = dict.fromkeys(t.rsplit(".", 1)[0] + ".html" for t in tables)

@@ -158,3 +158,43 @@ def test_neural_cleanse_job_writes_summary_and_masks(study, tmp_path):
     assert s["images"] == 32 and len(s["classes"]) == 2 and s["precision"] == "fp32"
     masks, meta = load_tensors(tmp_path / "nc.safetensors")
     assert meta["classes"] == [0, 1] and masks["mask_0"].shape == (32, 32)
+
+
+def test_merging_jobs_from_victims_to_table(study, tmp_path):
+    """finetune_victim -> msd_strategy -> merge_models -> select_candidate -> merging_table and strategy figure."""
+    from pmoe_backdoor.jobs.merging import (
+        finetune_victim_job,
+        merge_models_job,
+        merging_table,
+        select_candidate_job,
+        strategy_figure,
+        strategy_job,
+    )
+    from pmoe_backdoor.jobs.poison import clean_record_file
+
+    clean = tmp_path / "clean.safetensors"
+    clean_record_file(study["data"], str(clean))
+    victims = {}
+    for name, poison in (("benign", str(clean)), ("square", study["poison"])):
+        victims[name] = str(tmp_path / f"{name}.safetensors")
+        h = finetune_victim_job(study["data"], study["weights"], poison, {"epochs": 1, "batch_size": 64}, 0,
+                                victims[name], str(tmp_path / f"{name}.json"), "cpu")
+        assert h["ancestor"] == study["weights"] and len(h["epochs"]) == 1
+    strategy = tmp_path / "n2.json"
+    strategy_job(2, False, {}, {}, str(strategy))
+    files = merge_models_job(list(victims.values()), str(strategy), "cyclic", str(tmp_path / "merged"))
+    assert set(files) == {"WAG", "M_01", "M_10"}
+    record = select_candidate_job(study["data"], victims, {"square": study["trigger"]}, str(tmp_path / "merged"), 5,
+                                  0, {"steps": 5}, 0, 32, "cpu", {"dataset": "synth", "model": "pmoe", "set": "bs",
+                                                                  "seed": 0, "coupling": "free"},
+                                  str(tmp_path / "selection.json"))
+    assert record["held_out"] == 20 and record["evaluated"] == 44  # 5 of each of the 4 classes held out
+    assert record["chosen"] in ("M_01", "M_10") and set(record["models"]) == {"benign", "square", "WAG", "M_01",
+                                                                               "M_10"}
+    assert all(0 <= m["asr"]["square"] <= 100 for m in record["models"].values())
+    out = {ext: str(tmp_path / f"merging.{ext}") for ext in ("csv", "md", "tex", "html")}
+    summary = merging_table([str(tmp_path / "selection.json")], 0, out["csv"], out["md"], out["tex"], out["html"])
+    assert list(summary.method) == ["victims", "WAG", "MSD (oracle)", "MSD (selected)"]
+    assert "<table" in Path(out["html"]).read_text()
+    strategy_figure([str(strategy)], ["2 models, free"], str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC

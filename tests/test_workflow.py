@@ -78,7 +78,8 @@ def test_smoke_config_completes_with_every_output(smoke_run: Path):
                 "figures/asr_ba_vs_rate.png", "figures/prune_sweep.png", "figures/trigger_examples_synth.png",
                 "figures/patch_maps_synth_pmoe.png", "figures/patch_values_synth_pmoe.png",
                 "figures/fineprune_patch_maps_synth_pmoe.png", "figures/routing_synth.png",
-                "figures/nc_masks_synth.png"]:
+                "figures/nc_masks_synth.png", "tables/merging_synth.md", "tables/merging_synth.html",
+                "figures/msd_strategies.png"]:
         assert (res / rel).stat().st_size > 0, rel
     cfg = yaml.safe_load(SMOKE.read_text())
     attacks = len(cfg["attack"]["triggers"]) * len(cfg["attack"]["rates"])

@@ -1,0 +1,81 @@
+"""The merging study's table (the paper's layout: victim set x clean accuracy / ASR per method) and a figure of
+the MSD strategies (each module slot coloured by the model it is taken from)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..io import read_json
+from ..tables import pm, write_csv, write_table
+from .search import load_strategy
+from .slots import SLOT_NAMES
+
+METHODS = ("victims", "WAG", "MSD (oracle)", "MSD (selected)")
+
+
+def merging_rows(record: dict) -> list[dict]:
+    """One row per method of one (set, seed, coupling) result: clean accuracy and mean ASR over the set's triggers."""
+    models = record["models"]
+    picks = {"victims": list(record["victims"]), "WAG": ["WAG"], "MSD (oracle)": [record["oracle"]],
+             "MSD (selected)": [record["chosen"]]}
+    rows = []
+    for method, names in picks.items():
+        rows.append({**{k: record[k] for k in ("dataset", "model", "set", "seed", "coupling")}, "method": method,
+                     "ba": float(np.mean([models[n]["ba"] for n in names])),
+                     "asr": float(np.mean([models[n]["mean_asr"] for n in names])),
+                     "selected_is_oracle": record["selected_is_oracle"],
+                     "suspect_class": record["selection"]["suspect_class"]})
+    return rows
+
+
+def merging_table(paths: Sequence[str], target: int, out_csv: str, out_md: str, out_tex: str,
+                  out_html: str | None = None) -> pd.DataFrame:
+    df = pd.DataFrame([row for p in paths for row in merging_rows(read_json(p))])
+    keys = ["dataset", "model", "set", "coupling", "method"]
+    summary = df.groupby(keys, sort=False).agg(
+        seeds=("seed", "count"), ba_mean=("ba", "mean"), ba_std=("ba", "std"), asr_mean=("asr", "mean"),
+        asr_std=("asr", "std"), selected_is_oracle=("selected_is_oracle", "mean"),
+        suspect_is_target=("suspect_class", lambda c: float(np.mean(np.asarray(c) == target)))).reset_index()
+    write_csv(summary, out_csv)
+    header = ["Dataset", "Victims", "Routers/experts", "Seeds"] + [f"{m} {v}" for m in METHODS for v in ("CACC", "ASR")]
+    header += ["selected = oracle", "suspect = target"]
+    body = []
+    for key, g in summary.groupby(["dataset", "set", "coupling"], sort=False):
+        by = {r["method"]: r for r in g.to_dict("records")}
+        cells = [pm(by[m]["ba_mean"], by[m]["ba_std"]) if m in by else "–" for m in METHODS]
+        asrs = [pm(by[m]["asr_mean"], by[m]["asr_std"]) if m in by else "–" for m in METHODS]
+        first = g.iloc[0]
+        body.append([key[0], key[1], key[2], str(int(first.seeds))]
+                    + [c for pair in zip(cells, asrs) for c in pair]
+                    + [f"{100 * first.selected_is_oracle:.0f} %", f"{100 * first.suspect_is_target:.0f} %"])
+    title = ("Merging defenses: clean accuracy (CACC) and ASR (%) on the test images not held out, mean ± std over "
+             "seeds; victims: the mean over the set's fine-tuned models; ASR: the mean over the set's triggers; "
+             "MSD (oracle): the candidate with the lowest ASR; MSD (selected): the defender's choice; "
+             "selected = oracle: its ASR is the lowest")
+    write_table(header, body, title, out_md, out_tex, out_html)
+    return summary
+
+
+def strategy_figure(strategy_paths: Sequence[str], labels: Sequence[str], out_png: str) -> None:
+    """One row per strategy, one cell per slot, coloured by source model."""
+    from ..figures import _plt, _savefig
+
+    plt = _plt()
+    strategies = [load_strategy(p) for p in strategy_paths]
+    grid = np.array([s.assignment for s in strategies], dtype=float)
+    fig, ax = plt.subplots(figsize=(11, 0.6 + 0.55 * len(strategies)), layout="constrained")
+    n_max = int(grid.max()) + 1 if grid.size else 1
+    cmap = plt.get_cmap("tab10", max(n_max, 2))
+    ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=max(n_max, 2) - 0.5, aspect="auto")
+    for i, s in enumerate(strategies):
+        for j, src in enumerate(s.assignment):
+            ax.text(j, i, str(src), ha="center", va="center", color="white", fontsize=9)
+    ax.set_xticks(range(len(SLOT_NAMES)), SLOT_NAMES, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(strategies)), [f"{lab} (F = {s.fitness:.2f})" for lab, s in zip(labels, strategies)],
+                  fontsize=8)
+    ax.set_title("MSD strategies: the source model of each module slot", fontsize=10)
+    _savefig(fig, out_png)
+    plt.close(fig)
