@@ -302,6 +302,9 @@ def merging_results(dataset):
 
 
 def merging_strategies():
+    """(number of models, coupling) of every MSD strategy the merging sets need (none when merging is off)."""
+    if not MERGE["enabled"]:
+        return []
     return sorted({(len(m), c) for m in MERGE["sets"].values() for c in MERGE["couplings"]})
 
 
