@@ -162,7 +162,7 @@ def test_killed_training_leaves_no_complete_looking_output(tmp_path: Path):
     cfg = write_config(tmp_path / "slow.yaml", **{"train.epochs": 400, "seeds.clean": 1, "attack.rates": [10],
                                                   "attack.triggers": {"square": {"kind": "square"}},
                                                   "fine_pruning.enabled": False, "fine_pruning.sweep": [],
-                                                  "neural_cleanse.enabled": False})
+                                                  "neural_cleanse.enabled": False, "merging.enabled": False})
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile",
            str(cfg), "--cores", "1", "results/synth/pmoe/clean/seed0/weights.safetensors"]
@@ -206,7 +206,7 @@ def npz_config(path: Path, data_path: str) -> Path:
     """The smoke config with its one dataset read from an npz file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_config(path, **{"datasets": {"real": {"source": "npz", "path": data_path}},
-                                 "fine_pruning.datasets": ["real"]})
+                                 "fine_pruning.datasets": ["real"], "merging.datasets": ["real"]})
 
 
 def test_replaced_data_file_reruns_prepare_data_even_with_its_old_mtime(tmp_path: Path):
