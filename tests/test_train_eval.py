@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pmoe_backdoor.evaluate as evaluate_module
 from pmoe_backdoor.data import make_synthetic
 from pmoe_backdoor.evaluate import evaluate, predict_logits
 from pmoe_backdoor.models import build_model
@@ -296,7 +297,9 @@ def test_evaluate_without_asr_and_default_num_classes():
     assert "asr" not in res
 
 
-def test_predict_logits_batches_and_dtype():
+def test_predict_logits_batches_and_dtype(monkeypatch):
+    # a fixed CPU micro-batch: no one-image probe forward to size it (the oracle counts forwards)
+    monkeypatch.setattr(evaluate_module, "CPU_FORWARD_BATCH", 1000)
     x = _oracle_images([0, 1, 2, 1, 0], [False] * 5)
     model = Oracle(3)
     logits = predict_logits(model, x, CPU, batch_size=2)

@@ -8,6 +8,7 @@ probabilities there, experts applied to the full masked 8x8 map.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -54,6 +55,11 @@ class TFSamePadConv(nn.Conv2d):
         return super().forward(F.pad(x, pads))
 
 
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    """ReLU of a tensor the caller owns (a fresh BN output): in place when no autograd graph is recorded."""
+    return F.relu(x) if torch.is_grad_enabled() else x.relu_()
+
+
 def _conv3x3(in_ch: int, out_ch: int, stride: int) -> nn.Conv2d:
     if stride == 1:
         return nn.Conv2d(in_ch, out_ch, 3, padding=1)
@@ -73,8 +79,8 @@ class PreActBlock(nn.Module):
                          if (in_ch != out_ch or stride != 1) else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(F.relu(self.bn1(x)))
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv1(_relu(self.bn1(x)))
+        out = self.conv2(_relu(self.bn2(out)))
         return self.shortcut(x) + out
 
 
@@ -120,10 +126,19 @@ class PatchMoE(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, h, w = feats.shape
+        e = self.num_experts
         mask, top_idx = self.route(feats)
-        masked = feats.unsqueeze(1) * mask.view(b, self.num_experts, 1, h, w)  # (B, E, C, H, W)
-        masked = masked.reshape(b, self.num_experts * c, h, w)
-        return self.expert_conv(F.relu(self.expert_bn(masked))), top_idx
+        if not torch.is_grad_enabled() and feats.is_contiguous(memory_format=torch.channels_last) \
+                and not feats.is_contiguous():
+            # Inference only (vmapped packed training cannot query the layout): channels_last F is (B, H, W, C) in
+            # memory: gate it into (B, H, W, E, C), which *is* the channels_last (B, E*C, H, W) map, so no layout
+            # copies follow (same products as below, element by element)
+            gate = mask.view(b, e, h, w).permute(0, 2, 3, 1).contiguous().unsqueeze(4)  # (B, H, W, E, 1)
+            masked = (feats.permute(0, 2, 3, 1).unsqueeze(3) * gate).reshape(b, h, w, e * c).permute(0, 3, 1, 2)
+        else:
+            masked = feats.unsqueeze(1) * mask.view(b, e, 1, h, w)  # (B, E, C, H, W)
+            masked = masked.reshape(b, e * c, h, w)
+        return self.expert_conv(_relu(self.expert_bn(masked))), top_idx
 
     def expert_slice(self, expert: int) -> slice:
         """The output channels (and expert_conv weight rows) that belong to ``expert``."""
@@ -158,7 +173,7 @@ class PMoENet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The shared pre-MoE map F (B, moe_channels, 8, 8)."""
-        return self.pre_conv(F.relu(self.pre_bn(self.trunk(x))))
+        return self.pre_conv(_relu(self.pre_bn(self.trunk(x))))
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         expert_out, top_idx = self.moe(self.features(x))
@@ -240,6 +255,46 @@ def _build(name, num_classes, widen_factor, num_experts, top_k, moe_width) -> nn
     fixed = moe_width == "fixed"
     return PMoENet(num_classes, widen_factor, num_experts, top_k,
                    moe_channels=640 if fixed else None, expert_channels=160 if fixed else None)
+
+
+def _fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """conv <- BN(conv) in eval mode: per output channel, W*s and (b - mean)*s + beta, s = gamma/sqrt(var + eps).
+    New tensors are assigned (the old ones may be shared with another model)."""
+    with torch.no_grad():
+        scale = bn.running_var.add(bn.eps).rsqrt()
+        shift = -bn.running_mean * scale
+        if bn.affine:
+            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+        conv.weight = nn.Parameter(conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+        conv.bias = nn.Parameter(bias * scale + shift)
+
+
+def fold_batchnorms(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` for inference, each BatchNorm whose input is only a convolution's output
+    folded into that convolution: every block's ``bn2`` (after ``conv1``) and the pMoE head's BN (after the
+    experts' conv). The same function up to float rounding, one pass over the widest maps fewer per block.
+
+    The other BNs cannot be folded exactly: ``bn1`` and ``pre_bn`` read a residual sum that the shortcut also reads
+    and feed a zero-padded conv, and the experts' BN reads the gated map. The copy shares the unchanged tensors
+    with ``model``, which is not changed; a model with nothing to fold is returned as it is (not copied), as is
+    one with hooks (they may rely on the layers).
+    """
+    foldable = any(isinstance(m, (PreActBlock, PMoENet)) for m in model.modules())
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not foldable or hooked or any(m.running_var is None for m in bns):
+        return model
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    folded = copy.deepcopy(model, memo=shared).eval()
+    for m in folded.modules():
+        if isinstance(m, PreActBlock) and isinstance(m.bn2, nn.BatchNorm2d):
+            _fold_bn_into_conv(m.conv1, m.bn2)
+            m.bn2 = nn.Identity()
+        if isinstance(m, PMoENet) and isinstance(m.head.bn, nn.BatchNorm2d):
+            _fold_bn_into_conv(m.moe.expert_conv, m.head.bn)
+            m.head.bn = nn.Identity()
+    return folded
 
 
 def count_parameters(model: nn.Module) -> int:
