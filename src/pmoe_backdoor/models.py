@@ -130,9 +130,8 @@ class PatchMoE(nn.Module):
         mask, top_idx = self.route(feats)
         if not torch.is_grad_enabled() and feats.is_contiguous(memory_format=torch.channels_last) \
                 and not feats.is_contiguous():
-            # Inference only (vmapped packed training cannot query the layout): channels_last F is (B, H, W, C) in
-            # memory: gate it into (B, H, W, E, C), which *is* the channels_last (B, E*C, H, W) map, so no layout
-            # copies follow (same products as below, element by element)
+            # inference only (vmapped training cannot query layouts): F is (B, H, W, C) in memory; gated into
+            # (B, H, W, E, C), it *is* the channels_last (B, E*C, H, W) map: no layout copies, the same products
             gate = mask.view(b, e, h, w).permute(0, 2, 3, 1).contiguous().unsqueeze(4)  # (B, H, W, E, 1)
             masked = (feats.permute(0, 2, 3, 1).unsqueeze(3) * gate).reshape(b, h, w, e * c).permute(0, 3, 1, 2)
         else:
