@@ -44,6 +44,8 @@ include: "rules/analysis.smk"
 include: "rules/deploy.smk"
 include: "rules/report.smk"
 include: "rules/merging.smk"
+include: "rules/compression.smk"
+include: "rules/blindspot.smk"
 
 
 rule all:

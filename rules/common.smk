@@ -99,7 +99,7 @@ wildcard_constraints:
     last=r"[0-9]+",
     prune=r"[0-9]+(\.[0-9]+)?",
     variant="authors|clean",
-    precision="fp32|int8|int4",
+    precision="fp32|int8_dynamic|int8|int4",
     victim=r"[A-Za-z0-9_]+",
     replica=r"[0-9]+",
     coupling="free|tied",
@@ -245,6 +245,9 @@ def check_merging(cfg):
         for member in members:
             if member != "benign" and member not in cfg["attack"]["triggers"]:
                 raise ValueError(f"config: merging.sets.{name} names {member!r}: not 'benign' nor in attack.triggers")
+    for name in merge.get("defended_sets", []):
+        if name not in merge["sets"]:
+            raise ValueError(f"config: merging.defended_sets names {name!r}, which is not in merging.sets")
 
 
 def set_victims(name):
@@ -292,10 +295,18 @@ def strategy_file(n, coupling):
     return f"{RESULTS}/merging/strategies/n{n}_{coupling}.json"
 
 
-def merging_results(dataset):
+def defended_sets():
+    """The sets whose merged models defend_merged deploys and Fine-Pruned (merging.defended_sets, else all)."""
+    if not MERGE["enabled"]:
+        return []
+    return list(MERGE.get("defended_sets", MERGE["sets"]))
+
+
+def merging_results(dataset, result="selection.json", sets=None):
+    """One result file (select_candidate's, or defend_merged's merged_defense.json) per set, seed and coupling."""
     return [
-        f"{RESULTS}/{dataset}/{MERGE['model']}/merging/{name}/seed{s}/{c}/selection.json"
-        for name in MERGE["sets"]
+        f"{RESULTS}/{dataset}/{MERGE['model']}/merging/{name}/seed{s}/{c}/{result}"
+        for name in (MERGE["sets"] if sets is None else sets)
         for s in range(MERGE["seeds"])
         for c in MERGE["couplings"]
     ]
@@ -311,7 +322,10 @@ def merging_strategies():
 def merging_targets():
     if not MERGE["enabled"]:
         return []
-    targets = [f"{RESULTS}/tables/merging_{d}.{ext}" for d in MERGE["datasets"] for ext in ("csv", "md", "tex")]
+    tables = ["merging"] + (["merged_defense"] if defended_sets() else [])
+    targets = [
+        f"{RESULTS}/tables/{t}_{d}.{ext}" for t in tables for d in MERGE["datasets"] for ext in ("csv", "md", "tex")
+    ]
     return targets + [f"{RESULTS}/figures/msd_strategies.png"]
 
 
@@ -399,7 +413,8 @@ def beyond_targets():
 
 
 def all_targets():
-    targets = report_targets() + analysis_targets() + beyond_targets() + merging_targets()
+    targets = report_targets() + analysis_targets() + beyond_targets() + merging_targets() + compression_targets()
+    targets += blindspot_targets()
     # what the report shows besides figures: each table's HTML page (from the table's own job), the config record
     tables = [t for t in targets if t.startswith(f"{RESULTS}/tables/") and t.endswith((".md", ".csv"))]
     pages = dict.fromkeys(t.rsplit(".", 1)[0] + ".html" for t in tables)
@@ -521,3 +536,173 @@ def dataset_input(name):
     """The file or folder prepare_data reads (none for a download or synthetic data)."""
     block = config["datasets"][name]
     return dataset_path(name) if block.get("source") in SOURCES_WITH_DATA and "path" in block else []
+
+
+# ----- compression-activated backdoors (issue 12) -----
+# An attack model lives at {dataset}/{model}/compression/{variant}-{target}/seed{seed}: the `attack` wildcard is
+# "<variant>-<target label>", so the neural_cleanse job script (which names runs by that wildcard) serves it too.
+
+COMPRESS = config["compression_attack"]
+COMPRESS_RULE_KEYS = ("max_fp32_asr", "ba_tolerance")
+
+
+def check_compression_attack(cfg):
+    block = cfg["compression_attack"]
+    if not block["enabled"]:
+        return
+    if cfg["models"].get(block["model"], {}).get("arch") != "pmoe":
+        raise ValueError(f"config: compression_attack.model {block['model']!r} must name a pmoe model of 'models'")
+    for key in ("datasets", "targets_by_dataset", "lr_drop_epoch_by_dataset", "max_fp32_asr_by_dataset"):
+        for name in block.get(key, []):
+            if name not in cfg["datasets"]:
+                raise ValueError(f"config: compression_attack.{key} names {name!r}, which is not in 'datasets'")
+    prune = block["prune"]
+    if not prune.get("lower", 10) <= prune.get("rate", 20) <= prune.get("upper", 30):
+        raise ValueError(f"config: compression_attack.prune needs lower <= rate <= upper, got {prune}")
+
+
+check_compression_attack(config)
+
+
+def compression_dir(dataset, model, attack, seed):
+    return f"{RESULTS}/{dataset}/{model}/compression/{attack}/seed{seed}"
+
+
+def compression_target(wildcards):
+    """The target label of an attack model, from its `attack` wildcard "<variant>-<target>"."""
+    return int(wildcards.attack.rsplit("-", 1)[1])
+
+
+def compression_train_params(wildcards):
+    """The attack recipe of one model: the train block, its variant, the pruning keys, the dataset's lr drop."""
+    variant = wildcards.attack.rsplit("-", 1)[0]
+    prune = COMPRESS["prune"]
+    cfg = dict(COMPRESS["train"], variant=variant)
+    cfg.update({k: v for k, v in (("prune_rate", prune.get("rate")), ("prune_lower", prune.get("lower")),
+                                  ("prune_upper", prune.get("upper")), ("alpha", prune.get("alpha"))) if v is not None})
+    by_dataset = COMPRESS.get("lr_drop_epoch_by_dataset", {})
+    if wildcards.dataset in by_dataset:
+        cfg["lr_drop_epoch"] = by_dataset[wildcards.dataset]
+    return canonical(cfg)
+
+
+def compression_max_fp32_asr(wildcards):
+    return COMPRESS.get("max_fp32_asr_by_dataset", {}).get(wildcards.dataset, COMPRESS["max_fp32_asr"])
+
+
+def compression_runs(dataset):
+    """(model, attack wildcard, seed) of every attack model of a dataset."""
+    if not COMPRESS["enabled"] or dataset not in COMPRESS["datasets"]:
+        return []
+    targets = COMPRESS.get("targets_by_dataset", {}).get(dataset, COMPRESS["targets"])
+    return [
+        (COMPRESS["model"], f"{v}-{t}", s) for v in COMPRESS["variants"] for t in targets for s in range(COMPRESS["seeds"])
+    ]
+
+
+def compression_eval_targets(dataset):
+    return [f"{compression_dir(dataset, m, a, s)}/evaluation.json" for m, a, s in compression_runs(dataset)]
+
+
+def compression_nc_targets(dataset):
+    """Neural Cleanse on each released (fp32) attack model, when the neural_cleanse block is enabled."""
+    if not NC["enabled"]:
+        return []
+    return [f"{compression_dir(dataset, m, a, s)}/neural_cleanse/fp32.json" for m, a, s in compression_runs(dataset)]
+
+
+def compression_clean_nc(dataset):
+    """The clean models' fp32 Neural Cleanse summaries (the negatives of the ROC-AUC), when the study has them."""
+    if not NC["enabled"] or "fp32" not in NC["precisions"]:
+        return []
+    return [f"{run}/neural_cleanse/fp32.json" for run, attack, _ in nc_runs(dataset) if attack == "clean"]
+
+
+def compression_targets():
+    if not COMPRESS["enabled"]:
+        return []
+    return [f"{RESULTS}/tables/compression_{d}.{ext}" for d in COMPRESS["datasets"] for ext in ("csv", "md", "tex")]
+
+
+# ----- the quantization-blindspot table (issue 13) -----
+
+BLIND = config["blindspot"]
+
+
+def check_blindspot(cfg):
+    block = cfg["blindspot"]
+    if not block["enabled"]:
+        return
+    check_rates(cfg, block["rates"], "blindspot.rates")
+    for trig in block.get("triggers", []):
+        if trig not in cfg["attack"]["triggers"]:
+            raise ValueError(f"config: blindspot.triggers names {trig!r}, not in attack.triggers")
+    missing = [p for p in block["precisions"] if p not in cfg["deployment"]["precisions"]]
+    if missing:
+        raise ValueError(f"config: blindspot.precisions {missing} are not in deployment.precisions (the table takes "
+                         "ASR and BA at each precision from the deployed models)")
+    strip = cfg["strip"]
+    if strip["holdout"] < 1 / strip["frr"]:
+        raise ValueError(f"config: strip.holdout ({strip['holdout']}) is too small for strip.frr {strip['frr']}: "
+                         f"at least 1 / frr = {1 / strip['frr']:g} held-out images are needed to set the threshold")
+
+
+check_blindspot(config)
+
+
+def nc_optimizer():
+    """Neural Cleanse's optimizer keys and, only when it is not the default 'fast', its schedule: results of the
+    fast schedule keep the parameters they were made with (and are not rerun)."""
+    schedule = NC.get("schedule", "fast")
+    return canonical({**NC.get("optimizer", {}), **({"schedule": schedule} if schedule != "fast" else {})})
+
+
+def blindspot_triggers():
+    return BLIND.get("triggers") or TRIGGERS
+
+
+def blindspot_runs(dataset):
+    """(run directory, attack) of every model the three data and input defenses examine."""
+    if not BLIND["enabled"]:
+        return []
+    attacks = ["clean"] + [attack_name(t, r) for t in blindspot_triggers() for r in BLIND["rates"]]
+    return [
+        (f"{RESULTS}/{dataset}/{m}/{a}/seed{s}", a)
+        for m in MODELS
+        for a in attacks
+        for s in seeds_for(a)[: BLIND["seeds"]]
+    ]
+
+
+def blindspot_defense_targets(dataset):
+    return [
+        f"{run}/{defense}/{p}.json"
+        for run, _ in blindspot_runs(dataset)
+        for defense in ("strip", "activation_clustering", "spectral_signatures")
+        for p in BLIND["precisions"]
+    ]
+
+
+def strip_triggers(wildcards):
+    """The run's own trigger; for a clean model every analysed trigger of its seed (its false positives)."""
+    names = blindspot_triggers() if wildcards.attack == "clean" else [parse_attack(wildcards.attack)[0]]
+    return {n: f"{RESULTS}/{wildcards.dataset}/triggers/{n}/seed{wildcards.seed}.safetensors" for n in names}
+
+
+def blindspot_inputs(dataset):
+    """Every defense summary of the table (Neural Cleanse's included), the deployed runs' ASR/BA, and the
+    Fine-Pruned models as deployed."""
+    runs = {run for run, _ in blindspot_runs(dataset)} | {run for run, _, _ in nc_runs(dataset)}
+    return {
+        "defenses": blindspot_defense_targets(dataset) + nc_targets(dataset),
+        "deployed": [f"{run}/deployed.json" for run in sorted(runs)] if DEPLOY["precisions"] else [],
+        "fine_pruned": [t for t in deploy_targets(dataset) if "/fineprune/" in t],
+    }
+
+
+def blindspot_targets():
+    if not BLIND["enabled"]:
+        return []
+    return [f"{RESULTS}/tables/blindspot_{d}.{ext}" for d in DATASETS for ext in ("csv", "md", "tex")] + [
+        f"{RESULTS}/figures/blindspot_{d}.png" for d in DATASETS
+    ]

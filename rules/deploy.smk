@@ -77,7 +77,7 @@ rule neural_cleanse:
         summary=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.json",
         masks=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.safetensors",
     params:
-        optimizer=canonical(NC["optimizer"]),
+        optimizer=nc_optimizer(),
         classes=NC["classes"],
         images=NC["images"],
         calibration=DEPLOY["calibration_images"],

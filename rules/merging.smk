@@ -95,6 +95,42 @@ rule select_candidate:
         "../workflow/scripts/merging/select_candidate.py"
 
 
+rule defend_merged:
+    """WAG and the selected MSD candidate at each deployment precision and after Fine-Pruning (channels ranked and
+    the model fine-tuned on the defender's held-out clean set only); BA / ASR on select_candidate's test images."""
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.npz",
+        triggers=lambda wc: list(set_triggers(wc).values()),
+        merged=f"{RESULTS}/{{dataset}}/{{model}}/merging/{{set}}/seed{{seed}}/{{coupling}}/merged",
+        selection=f"{RESULTS}/{{dataset}}/{{model}}/merging/{{set}}/seed{{seed}}/{{coupling}}/selection.json",
+    output:
+        f"{RESULTS}/{{dataset}}/{{model}}/merging/{{set}}/seed{{seed}}/{{coupling}}/merged_defense.json",
+    params:
+        triggers=set_triggers,
+        holdout_per_class=MERGE.get("holdout_per_class"),
+        holdout_seed=MERGE.get("holdout_seed"),
+        # fp32 alone when no deployment precision is configured: the reference the Fine-Pruning rows compare with
+        precisions=DEPLOY["precisions"] or ["fp32"],
+        calibration=DEPLOY["calibration_images"],
+        prune_rates=FP["prune_rates"] if FP["enabled"] else [],
+        fine_pruning=canonical({k: FP[k] for k in ("epochs", "lr", "mask")}) if FP["enabled"] else {},
+        train=TRAIN,
+        target=config["attack"]["target"],
+        batch_size=config["evaluation"]["batch_size"],
+        device=config["device"],
+        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+    log:
+        f"{RESULTS}/logs/defend_merged/{{dataset}}/{{model}}/{{set}}/seed{{seed}}/{{coupling}}.log",
+    threads: config["resources"]["train_threads"]
+    resources:
+        gpu=1,
+        runtime=config["resources"]["train_runtime_min"],
+    conda:
+        "../envs/pmoe.yaml"
+    script:
+        "../workflow/scripts/merging/defend_merged.py"
+
+
 rule merging_table:
     """Victims, WAG and MSD (oracle and selected) per victim set and coupling: clean accuracy and ASR."""
     input:
@@ -117,6 +153,29 @@ rule merging_table:
         "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/merging/merging_table.py"
+
+
+rule merged_defense_table:
+    """WAG and the selected MSD candidate per victim set and coupling: CACC and ASR at each deployment precision and
+    after Fine-Pruning."""
+    input:
+        lambda wc: merging_results(wc.dataset, "merged_defense.json", defended_sets()),
+    output:
+        csv=f"{RESULTS}/tables/merged_defense_{{dataset}}.csv",
+        md=f"{RESULTS}/tables/merged_defense_{{dataset}}.md",
+        tex=f"{RESULTS}/tables/merged_defense_{{dataset}}.tex",
+        html=report(
+            f"{RESULTS}/tables/merged_defense_{{dataset}}.html",
+            caption="../reports/merged_defense_table.rst",
+            category="Merging defenses",
+            subcategory="{dataset}",
+        ),
+    log:
+        f"{RESULTS}/logs/merged_defense_table/{{dataset}}.log",
+    conda:
+        "../envs/pmoe.yaml"
+    script:
+        "../workflow/scripts/merging/merged_defense_table.py"
 
 
 rule msd_strategy_figure:

@@ -141,11 +141,15 @@ def test_routing_maps_job_and_trigger_examples(study, tmp_path):
 
 
 def test_deploy_eval_job_at_each_precision(study, tmp_path):
-    rows = deploy_eval_job(study["data"], study["weights"], ["fp32", "int8", "int4"], str(tmp_path / "d.json"),
+    precisions = ["fp32", "int8", "int4", "int8_dynamic"]
+    rows = deploy_eval_job(study["data"], study["weights"], precisions, str(tmp_path / "d.json"),
                            study["trigger"], 32, 0, 32, "cpu", RUN, fine_pruned="authors 30 %")
-    assert [r["precision"] for r in rows] == ["fp32", "int8", "int4"]
+    assert [r["precision"] for r in rows] == precisions
     assert rows[0]["routing_change_clean"] == 0.0 and rows[0]["routing_change_triggered"] == 0.0
     assert rows[1]["calibration_images"] == 32 and rows[2]["calibration_images"] == 0
+    # int8_dynamic quantizes the final Linear only: no calibration, and the routing (convolutions) is fp32's
+    assert rows[3]["calibration_images"] == 0
+    assert rows[3]["routing_change_clean"] == 0.0 and rows[3]["routing_change_triggered"] == 0.0
     assert all(r["fine_pruned"] == "authors 30 %" and r["seed"] == RUN.seed for r in rows)
 
 
@@ -160,11 +164,14 @@ def test_neural_cleanse_job_writes_summary_and_masks(study, tmp_path):
     assert meta["classes"] == [0, 1] and masks["mask_0"].shape == (32, 32)
 
 
-def test_merging_jobs_from_victims_to_table(study, tmp_path):
-    """finetune_victim -> msd_strategy -> merge_models -> select_candidate -> merging_table and strategy figure."""
+def test_merging_jobs_from_victims_to_table(study, tmp_path, monkeypatch):
+    """finetune_victim -> msd_strategy -> merge_models -> select_candidate -> merging_table and strategy figure;
+    then defend_merged -> merged_defense_table on the same merged models."""
     from pmoe_backdoor.jobs.merging import (
+        defend_merged_job,
         finetune_victim_job,
         merge_models_job,
+        merged_defense_table,
         merging_table,
         select_candidate_job,
         strategy_figure,
@@ -198,3 +205,101 @@ def test_merging_jobs_from_victims_to_table(study, tmp_path):
     assert "<table" in Path(out["html"]).read_text()
     strategy_figure([str(strategy)], ["2 models, free"], str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
+
+    # defend_merged: WAG and the chosen candidate deployed and Fine-Pruned, fine-tuned on the held-out images only
+    import pmoe_backdoor.merging.defend as defend
+    from pmoe_backdoor.merging import holdout_split
+
+    seen, real_fit = [], defend.fit
+
+    def spy_fit(model, x, y, *args, **kwargs):
+        seen.append(x)
+        return real_fit(model, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(defend, "fit", spy_fit)
+    args = (study["data"], {"square": study["trigger"]}, str(tmp_path / "merged"), str(tmp_path / "selection.json"))
+    fp = {"epochs": 2, "lr": 0.01, "mask": False}
+    ident = {k: record[k] for k in ("dataset", "model", "set", "seed", "coupling")}
+    with pytest.raises(ValueError, match="must be select_candidate's"):  # another held-out split: refused
+        defend_merged_job(*args, 4, 0, ["fp32"], 32, [], fp, TRAIN, 0, 32, "cpu", ident, str(tmp_path / "x.json"))
+    d = defend_merged_job(*args, 5, 0, ["fp32", "int8", "int4"], 32, [0.0, 50.0], fp, TRAIN, 0, 32, "cpu", ident,
+                          str(tmp_path / "merged_defense.json"))
+    assert d["chosen"] == record["chosen"] and d["calibration_images"] == 32
+    assert d["models"]["MSD (selected)"]["name"] == record["chosen"]
+    held, _ = holdout_split(JobData.open(study["data"]).y_test, 5, 0)
+    x_held = JobData.open(study["data"]).x_test[torch.from_numpy(held)]
+    assert len(seen) == 4 and all(torch.equal(x, x_held) for x in seen)  # 2 models x 2 rates
+    for method, name in (("WAG", "WAG"), ("MSD (selected)", record["chosen"])):
+        result, reference = d["models"][method], record["models"][name]
+        assert list(result["precisions"]) == ["fp32", "int8", "int4"]
+        # same split, same measurement as select_candidate
+        assert result["precisions"]["fp32"]["ba"] == pytest.approx(reference["ba"])
+        assert result["precisions"]["fp32"]["asr"]["square"] == pytest.approx(reference["asr"]["square"])
+        rate0, rate50 = result["fine_pruning"]
+        assert rate0["pruned_channels"] == [[]] * 4 and rate0["after_pruning"] == result["precisions"]["fp32"]
+        assert all(len(c) == len(rate50["pruned_channels"][0]) > 0 for c in rate50["pruned_channels"])
+        assert rate50["finetune_steps"] == 2 and len(rate50["finetune_loss"]) == 2  # 20 images, batch 64
+    out = {ext: str(tmp_path / f"defended.{ext}") for ext in ("csv", "md", "tex", "html")}
+    summary = merged_defense_table([str(tmp_path / "merged_defense.json")], out["csv"], out["md"], out["tex"],
+                                   out["html"])
+    assert list(summary.condition.unique()) == ["fp32", "int8", "int4", "pruned 0 %", "fine-pruned 0 %",
+                                                "pruned 50 %", "fine-pruned 50 %"]
+    assert set(summary.method) == {"WAG", "MSD (selected)"} and "<table" in Path(out["html"]).read_text()
+
+
+def test_blindspot_jobs_from_defenses_to_table(study, tmp_path):
+    """strip / activation_clustering / spectral_signatures jobs on the study's model, then the blindspot table and
+    figure (issue 13)."""
+    from pmoe_backdoor.jobs.blindspot import (
+        activation_clustering_job,
+        blindspot_figure,
+        blindspot_table,
+        spectral_signatures_job,
+        strip_job,
+    )
+
+    rec = PoisonRecord.load(study["poison"])
+    s = strip_job(study["data"], study["weights"], "int8", {"square": study["trigger"]}, str(tmp_path / "s.json"),
+                  {"overlays": 4, "holdout": 20, "test_images": 30, "frr": 0.05, "flag_rate": 0.5,
+                   "superimpose": "add", "batch_size": 64, "threshold": "empirical"}, 16, 0, "cpu", RUN)
+    assert s["precision"] == "int8" and s["defense"] == "STRIP" and set(s["triggers"]) == {"square"}
+    assert 0 <= s["frr"] <= 1 and isinstance(s["flagged"], bool)
+    with pytest.raises(ValueError, match="exceeds the 64 test images"):
+        strip_job(study["data"], study["weights"], "fp32", {"square": study["trigger"]}, str(tmp_path / "x.json"),
+                  {**s["config"], "holdout": 40}, 16, 0, "cpu", RUN)
+    a = activation_clustering_job(study["data"], study["weights"], study["poison"], "int4", str(tmp_path / "a.json"),
+                                  {"dims": 10, "size_threshold": 0.35, "silhouette_threshold": 0.5, "restarts": 2,
+                                   "silhouette_samples": 100, "batch_size": 64}, 16, "cpu", RUN)
+    assert a["precision"] == "int4" and a["poisoned"] == len(rec.indices) and a["target"] == 0
+    assert a["feature_dims"] == 64  # the head's input: 4 experts x 16 channels at widen 1
+    assert sum(r["samples"] for r in a["labels"]) == 192
+    sp = spectral_signatures_job(study["data"], study["weights"], study["poison"], "fp32", str(tmp_path / "p.json"),
+                                 {"epsilon": None, "removal": 1.5, "anomaly_threshold": 2.0}, 16, "cpu", RUN)
+    # epsilon: the poisoned share of label 0 in the poisoned set
+    y = JobData.open(study["data"]).y_train.clone()
+    y[rec.indices] = 0
+    assert sp["epsilon"] == pytest.approx(len(rec.indices) / int((y == 0).sum()))
+    deployed = str(tmp_path / "deployed.json")
+    deploy_eval_job(study["data"], study["weights"], ["fp32", "int8", "int4"], deployed, study["trigger"], 16, 0, 32,
+                    "cpu", RUN)
+    fine_pruned = str(tmp_path / "fp_deployed.json")
+    deploy_eval_job(study["data"], study["weights"], ["fp32", "int8"], fine_pruned, study["trigger"], 16, 0, 32, "cpu",
+                    RUN, fine_pruned="authors 30 %")
+    out = {ext: str(tmp_path / f"blindspot.{ext}") for ext in ("csv", "md", "tex", "html")}
+    summary = blindspot_table([str(tmp_path / f) for f in ("s.json", "a.json", "p.json")], [deployed], [fine_pruned],
+                              20.0, "gtsrb", out["csv"], out["md"], out["tex"], out["html"])
+    rows = {(r["defense"], r["precision"]): r for r in summary.to_dict("records")}
+    assert set(rows) == {("STRIP", "int8"), ("Activation Clustering", "int4"), ("Spectral Signatures", "fp32"),
+                         ("Fine-Pruning (authors 30 %)", "fp32"), ("Fine-Pruning (authors 30 %)", "int8")}
+    measured = {r["precision"]: r for r in read_json_list(deployed)}
+    assert rows[("STRIP", "int8")]["asr_mean"] == pytest.approx(measured["int8"]["asr"])
+    assert rows[("STRIP", "int8")]["detected_mean"] == 100.0 * s["flagged"]
+    fp = rows[("Fine-Pruning (authors 30 %)", "int8")]  # the same weights: "detected" iff its ASR is below 20 %
+    assert fp["detected_mean"] == 100.0 * (measured["int8"]["asr"] < 20.0)
+    blindspot_figure([out["csv"]], str(tmp_path / "blindspot.png"))
+    assert (tmp_path / "blindspot.png").read_bytes()[:8] == PNG_MAGIC
+    assert "Pandey" in Path(out["md"]).read_text()
+
+
+def read_json_list(path: str) -> list[dict]:
+    return json.loads(Path(path).read_text())

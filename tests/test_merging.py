@@ -297,3 +297,40 @@ def test_select_candidate_record():
     best = max(record["candidate_scores"], key=record["candidate_scores"].get)
     assert record["chosen"] == best
     json.dumps(record)
+
+
+
+def test_fine_pruning_a_merged_model_keeps_masked_channels_at_zero_and_the_model_untouched():
+    from pmoe_backdoor.merging.defend import Scorer, at_precisions, check_defense_config, fine_prune_merged
+
+    model = _pmoe(0)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(24) % 4
+    score = Scorer(x, y, {}, 0, 4, 32, torch.device("cpu"))
+    seen = []  # the expert conv weights at each scoring: after pruning, then after fine-tuning
+
+    def spy(m):
+        seen.append(m.moe.expert_conv.weight.detach().clone())
+        return score(m)
+
+    fp = {"epochs": 1, "lr": 0.05, "mask": True}
+    rows = fine_prune_merged(model, x, y, [50.0], fp, {"batch_size": 8, "progress_seconds": 0}, 0, spy,
+                             torch.device("cpu"), None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # pruned and tuned a copy
+    assert rows[0]["finetune_steps"] == 3 and len(rows[0]["finetune_loss"]) == 1
+    assert np.isnan(rows[0]["after_finetuning"]["mean_asr"])  # no trigger: ASR undefined, not 0
+    per_expert = model.moe.expert_channels
+    zeroed = torch.cat([torch.tensor(c, dtype=torch.long) + e * per_expert
+                        for e, c in enumerate(rows[0]["pruned_channels"])])
+    assert len(zeroed) == 4 * int(per_expert * 0.5)
+    kept = torch.ones(len(seen[1]), dtype=torch.bool)
+    kept[zeroed] = False
+    assert model.moe.expert_conv.weight[zeroed].abs().sum() > 0
+    assert seen[0][zeroed].abs().sum() == 0 and seen[1][zeroed].abs().sum() == 0  # the mask held during tuning
+    assert not torch.equal(seen[0][kept], seen[1][kept])  # while the other channels were tuned
+    assert set(at_precisions(model, ["fp32", "int4"], None, score)) == {"fp32", "int4"}
+    with pytest.raises(ValueError, match=r"fine_pruning: \['mask'\]"):
+        check_defense_config(["fp32"], [10.0], {"epochs": 1, "lr": 0.1})
+    with pytest.raises(ValueError, match="deployment.precisions"):
+        check_defense_config(["fp16"], [], {})

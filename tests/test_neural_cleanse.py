@@ -148,3 +148,10 @@ def test_reverse_engineer_unreachable_target_reports_last_mask(dark_corner_image
     assert r["epochs_run"] == 3
     assert r["mask"].shape == (32, 32)
     assert r["l1"] == pytest.approx(float(r["mask"].sum()), rel=1e-5)
+
+
+def test_reverse_engineer_original_schedule_finds_the_corner_mask(dark_corner_images):
+    cfg = NCConfig.from_dict({"schedule": "original", "epochs": 40, "batch_size": 16})
+    r = reverse_engineer(CornerModel(), dark_corner_images, 0, cfg, seed=0, device=CPU)
+    assert r["reached_threshold"] is True and r["asr"] >= 0.99
+    assert r["l1"] < 20 and float(r["mask"][:3, :3].sum()) / r["l1"] > 0.8

@@ -1,13 +1,23 @@
-"""Tests of pmoe_backdoor.quantize: the int8 (W8A8) and int4 (weight-only) fake quantization."""
+"""Tests of pmoe_backdoor.quantize: the int8 (W8A8), int8_dynamic and int4 (weight-only) fake quantization."""
 
 from __future__ import annotations
+
+import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
 from pmoe_backdoor.models import build_model
-from pmoe_backdoor.quantize import quantize_model, quantize_weight, routing_change
+from pmoe_backdoor.quantize import (
+    activation_qparams,
+    activation_ranges,
+    quantize_model,
+    quantize_weight,
+    quantize_weight_per_tensor,
+    routing_change,
+)
 from pmoe_backdoor.runtime import to_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,6 +201,90 @@ def test_int8_gradients_reach_the_input(model, calib, x):
     assert inp.grad is not None
     assert torch.isfinite(inp.grad).all()
     assert inp.grad.abs().sum() > 0  # a rounding step without the straight-through estimator gives zero
+
+
+# ----------------------------------------------------------------------------------------------------------
+# int8_dynamic: PyTorch's dynamic quantization of this CNN (the Linear layers only)
+# ----------------------------------------------------------------------------------------------------------
+
+def test_quantize_weight_per_tensor_hand_made():
+    w = torch.tensor([[2.55, -1.0], [0.01, -2.55]])  # scale 2.55 / 127.5 = 0.02
+    q = quantize_weight_per_tensor(w)
+    # 2.55 / 0.02 = 127.5 rounds to 128, clamped to 127; -127.5 rounds (half to even) to -128, which is kept
+    torch.testing.assert_close(q, torch.tensor([[127.0, -50.0], [0.0, -128.0]]) * 0.02)
+
+
+def test_activation_qparams_hand_made():
+    assert activation_qparams(0.0, 2.55) == (pytest.approx(0.01), 0)
+    assert activation_qparams(-1.0, 1.54, 127) == (pytest.approx(0.02), 50)  # -lo / scale = 50
+    assert activation_qparams(0.5, 1.27, 127) == (pytest.approx(0.01), 0)  # the range is widened to hold 0
+
+
+def test_int8_dynamic_quantizes_exactly_the_linear_layers(model, x):
+    q = quantize_model(model, "int8_dynamic")  # no calibration: activations are quantized per batch
+    orig = dict(model.named_modules())
+    hooked = {name for name, m in q.named_modules() if m._forward_pre_hooks}
+    assert hooked == {"head.fc"}
+    n_conv = 0
+    for name, layer in q.named_modules():
+        if isinstance(layer, nn.Conv2d):  # stem, blocks, shortcuts, pre-MoE, routers, experts: untouched
+            n_conv += 1
+            assert torch.equal(layer.weight, orig[name].weight)
+    assert n_conv >= 9
+    fc, fc0 = q.head.fc, model.head.fc
+    assert not torch.equal(fc.weight, fc0.weight) and torch.equal(fc.bias, fc0.bias)
+    scale = float(fc0.weight.detach().abs().max()) / 127.5
+    levels = fc.weight / scale
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)  # one scale for the whole tensor
+    assert 20 < len(torch.unique(fc.weight)) <= 256
+    # the head's input is quantized per batch to 128 levels; the routing (convolutions only) is unchanged
+    assert _distinct_inputs(q, q.head.fc, x) <= 128 < _distinct_inputs(model, model.head.fc, x)
+    with torch.no_grad():
+        assert torch.equal(q(to_input(x), return_routing=True)[1], model(to_input(x), return_routing=True)[1])
+    assert (_logits(q, x) - _logits(model, x)).abs().max() > 0
+
+
+def test_int8_dynamic_depends_on_the_batch(model, x):
+    q = quantize_model(model, "int8_dynamic")
+    whole = _logits(q, x)
+    # each image alone gets its own activation range: slightly different logits than inside the batch
+    alone = torch.cat([_logits(q, x[i:i + 1]) for i in range(len(x))])
+    assert 0 < float((whole - alone).abs().max()) < 0.1 * float(whole.abs().max())
+
+
+def test_int8_dynamic_is_what_torch_quantize_dynamic_does(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated; skip where it has been removed
+        qd = pytest.importorskip("torch.ao.quantization").quantize_dynamic
+        real = qd(copy.deepcopy(model), dtype=torch.qint8)  # the default qconfig: nn.Linear (and RNN cells)
+    orig = dict(model.named_modules())
+    changed = {name for name, m in real.named_modules() if name in orig and type(m) is not type(orig[name])}
+    assert changed == {"head.fc"}  # Conv2d is not in the default set
+    sim = quantize_model(model, "int8_dynamic")
+    assert torch.equal(real.head.fc.weight().dequantize(), sim.head.fc.weight)
+    ref, got = _logits(real, x), _logits(sim, x)
+    fp32 = _logits(model, x)
+    # equal up to float rounding (measured 2e-7), far below what the quantization itself changes
+    assert (got - ref).abs().max() < 1e-3 * (fp32 - ref).abs().max() + 1e-6
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_int8_dynamic_gradients_reach_the_input(model, x):
+    q = quantize_model(model, "int8_dynamic")
+    inp = to_input(x).clone().requires_grad_()
+    q(inp).logsumexp(1).sum().backward()
+    assert inp.grad is not None and torch.isfinite(inp.grad).all() and inp.grad.abs().sum() > 0
+
+
+def test_activation_ranges(model, calib):
+    ranges = activation_ranges(quantize_model(model, "int8", calib))
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(ranges) == layers
+    lo, hi = ranges["trunk.stem"]
+    assert 0.0 <= lo < 0.1 and 0.9 < hi <= 1.0  # the stem reads the random images scaled to [0, 1]
+    assert all(lo <= hi for lo, hi in ranges.values())
+    with pytest.raises(ValueError, match="quantize_model"):
+        activation_ranges(quantize_model(model, "int4"))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_smoke_config_completes_with_every_output(smoke_run: Path):
                 "figures/patch_maps_synth_pmoe.png", "figures/patch_values_synth_pmoe.png",
                 "figures/fineprune_patch_maps_synth_pmoe.png", "figures/routing_synth.png",
                 "figures/nc_masks_synth.png", "tables/merging_synth.md", "tables/merging_synth.html",
-                "figures/msd_strategies.png"]:
+                "tables/merged_defense_synth.md", "tables/merged_defense_synth.html", "figures/msd_strategies.png"]:
         assert (res / rel).stat().st_size > 0, rel
     cfg = yaml.safe_load(SMOKE.read_text())
     attacks = len(cfg["attack"]["triggers"]) * len(cfg["attack"]["rates"])
@@ -104,6 +104,12 @@ def test_smoke_config_completes_with_every_output(smoke_run: Path):
     assert all(m["routing_change_clean"] == 0.0 for m in deployed if m["precision"] == "fp32")
     nc = list(res.glob("synth/pmoe/*/seed0/neural_cleanse/*.json"))
     assert len(nc) == 2 * (1 + len(cfg["attack"]["triggers"]) * len(cfg["neural_cleanse"]["rates"]))
+    # the blindspot table (issue 13): each of its three defenses on every analysed model at every precision
+    assert (res / "tables/blindspot_synth.md").stat().st_size > 0 and (res / "figures/blindspot_synth.png").exists()
+    bs = cfg["blindspot"]
+    for defense in ("strip", "activation_clustering", "spectral_signatures"):
+        found = list(res.glob(f"synth/pmoe/*/seed0/{defense}/*.json"))
+        assert len(found) == len(bs["precisions"]) * (1 + len(bs["triggers"]) * len(bs["rates"])), defense
 
 
 def test_second_run_has_nothing_to_do(smoke_run: Path):
@@ -116,8 +122,11 @@ def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path:
     plan = planned_jobs(snakemake(smoke_run, "-n", configfile=cfg))
     assert plan.get("fine_prune") == 4, plan  # 2 prune rates x 2 fine-tuning sets
     assert "train_model" not in plan and "evaluate" not in plan and "poison" not in plan, plan
+    # the merged models' Fine-Pruning (defend_merged) follows fine_pruning.epochs too, and the blindspot table
+    # reads the fine-pruned models' deployed ASR
     assert set(plan) <= {"fine_prune", "fine_pruning_table", "fineprune_routing_maps", "deploy_eval_fine_pruned",
-                         "precision_table", "config_record", "all"}, plan
+                         "precision_table", "defend_merged", "merged_defense_table", "blindspot_table",
+                         "config_record", "all"}, plan
     weights = sorted((smoke_run / "results").glob("synth/pmoe/*/seed*/weights.safetensors"))  # trained models
     assert weights
     before = {p: p.stat().st_mtime_ns for p in weights}
@@ -135,6 +144,7 @@ def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path:
     ({"fine_pruning.models": ["nope"]}, "nope"),
     ({"train.epoch": 3}, "config: unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
     ({"fine_pruning.model_per_rate": "fresh"}, "= 2 attack seeds, but seeds.attack is 1"),
+    ({"merging.defended_sets": ["nope"]}, "merging.defended_sets names 'nope', which is not in merging.sets"),
 ])
 def test_broken_config_fails_fast_naming_the_problem(tmp_path: Path, change, expected):
     cfg = write_config(tmp_path / "broken.yaml", **change)
@@ -206,7 +216,8 @@ def npz_config(path: Path, data_path: str) -> Path:
     """The smoke config with its one dataset read from an npz file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_config(path, **{"datasets": {"real": {"source": "npz", "path": data_path}},
-                                 "fine_pruning.datasets": ["real"], "merging.datasets": ["real"]})
+                                 "fine_pruning.datasets": ["real"], "merging.datasets": ["real"],
+                                 "compression_attack.datasets": ["real"]})
 
 
 def test_replaced_data_file_reruns_prepare_data_even_with_its_old_mtime(tmp_path: Path):
@@ -281,3 +292,14 @@ def test_packed_training_gives_each_run_its_own_files(tmp_path):
     # a second run finds nothing to do: the links are complete outputs
     again = snakemake(tmp_path / "packed", *targets, configfile=packed_cfg)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_smoke_compression_attack_table(smoke_run: Path):
+    """Issue 12: every attack model of the smoke config trained, measured, checked by Neural Cleanse, in the table."""
+    res = smoke_run / "results"
+    cfg = yaml.safe_load(SMOKE.read_text())["compression_attack"]
+    evaluations = sorted(res.glob("synth/pmoe/compression/*/seed*/evaluation.json"))
+    assert len(evaluations) == len(cfg["variants"]) * len(cfg["targets"]) * cfg["seeds"]
+    assert len(list(res.glob("synth/pmoe/compression/*/seed*/neural_cleanse/fp32.json"))) == len(evaluations)
+    table = (res / "tables/compression_synth.md").read_text()
+    assert all(f"| {v} |" in table for v in cfg["variants"]) and "ROC-AUC" in table

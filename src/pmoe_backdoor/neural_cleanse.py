@@ -1,12 +1,22 @@
 """Neural Cleanse (Wang et al., S&P 2019): trigger reverse-engineering and outlier detection.
 
 For every class, a mask m (32x32, in [0, 1]) and a pattern p (3x32x32, in [0, 1]) are optimised with Adam so
-that x' = (1 - m) x + m p is classified as that class, with a cost on the L1 norm of m. The cost follows the
-original schedule: it starts at 1e-3, is multiplied by 2 after ``patience`` consecutive epochs whose attack
-success reaches the threshold (0.98) and divided by 2^1.5 after ``patience`` epochs below it; optimisation stops
-early when the best mask norm has not improved for ``early_stop_patience`` epochs. The smallest mask reaching
-the threshold is kept. A class is an outlier when its norm lies at or below the median and its anomaly index
-|norm - median| / (1.4826 * MAD) exceeds 2.
+that x' = (1 - m) x + m p is classified as that class, with a cost on the L1 norm of m. Two cost schedules
+(``NCConfig.schedule``), both deciding once per epoch from that epoch's attack success and the mask norm:
+
+- ``fast`` (this project's default, for small budgets): the cost starts at 1e-3, is multiplied by 2 after
+  ``patience`` (2) consecutive epochs whose attack success reaches the threshold (0.98) and divided by 2^1.5 after
+  ``patience`` epochs below it; a new best mask must be below 0.99 x the old best; optimisation stops when the best
+  has not improved for ``early_stop_patience`` (6) epochs.
+- ``original`` (the schedule of Wang et al.'s public implementation): the cost starts at 0 and is set to 1e-3 once
+  the attack has succeeded (threshold 0.99) for ``patience`` (5) consecutive epochs; then x1.5 after ``patience``
+  successful epochs, /1.5^1.5 after ``patience`` failed ones; the best mask is the smallest successful one; early
+  stop after ``early_stop_patience`` (25) epochs in which the best norm did not fall below 0.99 x its earlier best,
+  and only once the cost has moved both up and down. (The original compares the epoch's mean mask norm over its
+  mini-batches; here the end-of-epoch norm, the norm of the mask that is kept.)
+
+The smallest mask reaching the threshold is kept. A class is an outlier when its norm lies at or below the median
+and its anomaly index |norm - median| / (1.4826 * MAD) exceeds 2.
 """
 
 from __future__ import annotations
@@ -22,6 +32,10 @@ import torch.nn.functional as F
 from .runtime import to_input
 
 MAD_CONSTANT = 1.4826
+NC_SCHEDULES = ("fast", "original")
+# the original schedule's constants (Wang et al.); keys given explicitly in the config still override them
+ORIGINAL_SCHEDULE = {"init_cost": 1e-3, "cost_up": 1.5, "cost_down": 1.5 ** 1.5, "attack_threshold": 0.99,
+                     "patience": 5, "early_stop_patience": 25, "early_stop_threshold": 0.99}
 
 
 @dataclass
@@ -37,6 +51,7 @@ class NCConfig:
     early_stop_patience: int = 6
     early_stop_threshold: float = 0.99  # a new best must be below this fraction of the old one
     anomaly_threshold: float = 2.0
+    schedule: str = "fast"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "NCConfig":
@@ -44,11 +59,62 @@ class NCConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"neural_cleanse: unknown key(s) {sorted(unknown)}")
-        cfg = cls(**d)
+        schedule = d.get("schedule", "fast")
+        if schedule not in NC_SCHEDULES:
+            raise ValueError(f"neural_cleanse.schedule must be one of {NC_SCHEDULES}, got {schedule!r}")
+        cfg = cls(**{**(ORIGINAL_SCHEDULE if schedule == "original" else {}), **d})
         for name in ("epochs", "batch_size", "patience", "early_stop_patience"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"neural_cleanse.optimizer.{name} must be at least 1, got {getattr(cfg, name)}")
         return cfg
+
+
+class CostSchedule:
+    """The per-epoch decisions of either schedule: the cost, whether the epoch's mask is a new best, and whether to
+    stop. Pure bookkeeping (no tensors), so the schedule can be checked epoch by epoch on hand-worked numbers."""
+
+    def __init__(self, cfg: NCConfig):
+        self.cfg = cfg
+        self.original = cfg.schedule == "original"
+        self.cost = 0.0 if self.original else cfg.init_cost
+        self.up = self.down = self.set_count = self.stale = 0
+        self.moved_up = self.moved_down = False
+        self.best = float("inf")       # norm of the kept mask
+        self.stop_ref = float("inf")   # original: the best norm the early-stop counter compares against
+
+    def step(self, asr: float, l1: float) -> tuple[bool, bool]:
+        """Record one epoch; return (keep this epoch's mask as the new best, stop now). ``self.cost`` is then the
+        cost of the next epoch."""
+        cfg = self.cfg
+        success = asr >= cfg.attack_threshold
+        if self.original:
+            improved = success and l1 < self.best
+            if improved:
+                self.best = l1
+            if self.best < float("inf"):
+                self.stale = self.stale + 1 if self.best >= cfg.early_stop_threshold * self.stop_ref else 0
+                self.stop_ref = min(self.stop_ref, self.best)
+            if self.moved_up and self.moved_down and self.stale >= cfg.early_stop_patience:
+                return improved, True
+            if self.cost == 0 and success:  # the cost is switched on only once the attack works without it
+                self.set_count += 1
+                if self.set_count >= cfg.patience:
+                    self.cost, self.up, self.down = cfg.init_cost, 0, 0
+                    self.moved_up = self.moved_down = False
+            else:
+                self.set_count = 0
+        else:
+            improved = success and l1 < self.best * cfg.early_stop_threshold
+            if improved:
+                self.best = l1
+            self.stale = 0 if improved else self.stale + 1
+        self.up, self.down = (self.up + 1, 0) if success else (0, self.down + 1)
+        if self.up >= cfg.patience:
+            self.cost, self.up, self.moved_up = self.cost * cfg.cost_up, 0, True
+        elif self.down >= cfg.patience:
+            self.cost, self.down, self.moved_down = self.cost / cfg.cost_down, 0, True
+        stop = not self.original and self.best < float("inf") and self.stale >= cfg.early_stop_patience
+        return improved, stop
 
 
 def reverse_engineer(model: nn.Module, x: torch.Tensor, target: int, cfg: NCConfig, seed: int = 0,
@@ -65,9 +131,8 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, target: int, cfg: NCConf
     pattern_param = (torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1).to(device).requires_grad_()
     opt = torch.optim.Adam([mask_param, pattern_param], lr=cfg.lr, betas=(0.5, 0.9))
     y = torch.full((cfg.batch_size,), target, dtype=torch.long, device=device)
-    cost, up, down = cfg.init_cost, 0, 0
+    schedule = CostSchedule(cfg)
     best = {"l1": float("inf"), "mask": None, "pattern": None, "asr": 0.0}
-    since_best = 0
     n = x.shape[0]
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen)
@@ -78,7 +143,7 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, target: int, cfg: NCConf
             pattern = torch.tanh(pattern_param) / 2 + 0.5
             logits = model((1 - mask) * xb + mask * pattern)
             yb = y[: xb.shape[0]]
-            loss = F.cross_entropy(logits, yb) + cost * mask.abs().sum()
+            loss = F.cross_entropy(logits, yb) + schedule.cost * mask.abs().sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -88,21 +153,11 @@ def reverse_engineer(model: nn.Module, x: torch.Tensor, target: int, cfg: NCConf
         with torch.no_grad():
             mask = torch.tanh(mask_param) / 2 + 0.5
             l1 = float(mask.sum())
-        if asr >= cfg.attack_threshold and l1 < best["l1"] * cfg.early_stop_threshold:
+        improved, stop = schedule.step(asr, l1)
+        if improved:
             best = {"l1": l1, "mask": mask.detach().cpu()[0, 0],
                     "pattern": (torch.tanh(pattern_param) / 2 + 0.5).detach().cpu()[0], "asr": asr}
-            since_best = 0
-        else:
-            since_best += 1
-        if asr >= cfg.attack_threshold:
-            up, down = up + 1, 0
-        else:
-            up, down = 0, down + 1
-        if up >= cfg.patience:
-            cost, up = cost * cfg.cost_up, 0
-        elif down >= cfg.patience:
-            cost, down = cost / cfg.cost_down, 0
-        if best["mask"] is not None and since_best >= cfg.early_stop_patience:
+        if stop:
             break
     if best["mask"] is None:  # never reached the threshold: report the last mask (its norm is an upper bound)
         with torch.no_grad():

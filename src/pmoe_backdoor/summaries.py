@@ -12,6 +12,7 @@ import pandas as pd
 
 from .io import read_json
 from .naming import parse_attack
+from .quantize import DEPLOY_PRECISIONS
 from .tables import frame_cells, num, pm, std, write_csv, write_html, write_table
 
 
@@ -168,7 +169,7 @@ def precision_table(metric_paths: Sequence[str], out_csv: str, out_md: str, out_
     summary = df.groupby(keys).agg(seeds=("seed", "count"), **{f"{v}_mean": (v, "mean") for v in vals},
                                    **{f"{v}_std": (v, "std") for v in vals}).reset_index()
     write_csv(summary, out_csv)
-    precisions = [p for p in ("fp32", "int8", "int4") if p in set(summary.precision)]
+    precisions = [p for p in DEPLOY_PRECISIONS if p in set(summary.precision)]
     header = ["Dataset", "Model", "Defense", "Trigger", "Rate %", "Seeds"] + [f"ASR {p}" for p in precisions] \
         + [f"BA {p}" for p in precisions] + [f"routing Δ {p} (trig.)" for p in precisions if p != "fp32"]
     body = []
@@ -182,8 +183,10 @@ def precision_table(metric_paths: Sequence[str], out_csv: str, out_md: str, out_
                        for p in precisions if p != "fp32"])
     title = ("Models as deployed: ASR and BA (%) at each precision (int8: W8A8 per-channel symmetric weights, "
              "per-tensor affine activations calibrated on clean training images; int4: weight-only per-channel "
-             "symmetric), mean ± std over seeds; routing Δ: % of top-k positions that differ from fp32 (triggered "
-             "test images; clean images for clean models)")
+             "symmetric; int8_dynamic: PyTorch's dynamic quantization, which quantizes the final Linear layer only, "
+             "per-tensor int8 weights and per-batch activations, every convolution fp32), mean ± std over seeds; "
+             "routing Δ: % of top-k positions that differ from fp32 (triggered test images; clean images for clean "
+             "models)")
     write_table(header, body, title, out_md, out_tex, out_html)
     return summary
 

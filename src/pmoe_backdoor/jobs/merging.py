@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..checkpoint import load_model, save_model
-from ..evaluate import evaluate, predict_logits
 from ..io import read_json, write_json
 from ..merging import (
     EvolutionConfig,
@@ -26,15 +24,17 @@ from ..merging import (
     select_candidate,
     wag_merge,
 )
-from ..merging.report import merging_table, strategy_figure
+from ..merging.defend import Scorer, at_precisions, check_defense_config, fine_prune_merged
+from ..merging.report import merged_defense_table, merging_table, strategy_figure
 from ..poison import asr_set
 from ..runtime import derived_seed, seed_everything
 from ..triggers import load_trigger
 from .common import JobData
+from .deploy import calibration_images
 from .train import training_set
 
-__all__ = ["finetune_victim_job", "merge_models_job", "merging_table", "select_candidate_job", "strategy_figure",
-           "strategy_job"]
+__all__ = ["defend_merged_job", "finetune_victim_job", "merge_models_job", "merged_defense_table", "merging_table",
+           "select_candidate_job", "strategy_figure", "strategy_job"]
 
 
 def finetune_victim_job(data_path: str, ancestor: str, poison_path: str, finetune_cfg: dict[str, Any], seed: int,
@@ -92,14 +92,8 @@ def select_candidate_job(data_path: str, victims: dict[str, str], triggers: dict
     candidates = {name: model for name, model in merged.items() if name != "WAG"}
     selection = select_candidate(list(victim_models.values()), merged["WAG"], candidates, job.x_test[held_t],
                                  job.y_test[held_t], job.num_classes, inversion)
-    x_eval, y_eval = job.x_test[rest_t], job.y_test[rest_t]
-    asr_sets = {name: asr_set(x_eval, y_eval, load_trigger(path), target)[0] for name, path in triggers.items()}
-    results = {}
-    for name, model in {**victim_models, **merged}.items():
-        base = evaluate(model, x_eval, y_eval, None, target, job.num_classes, batch_size, device=job.device)
-        asr = {t: 100.0 * (predict_logits(model, x, job.device, batch_size).argmax(1) == target).float().mean().item()
-               for t, x in asr_sets.items()}
-        results[name] = {"ba": base["ba"], "asr": asr, "mean_asr": float(np.mean(list(asr.values())))}
+    score = _reported_split_scorer(job, rest_t, triggers, target, batch_size)
+    results = {name: score(model) for name, model in {**victim_models, **merged}.items()}
     oracle = min(candidates, key=lambda n: results[n]["mean_asr"])
     chosen = selection["chosen"]
     record = {**identity, "victims": list(victims), "triggers": list(triggers), "held_out": len(held),
@@ -107,4 +101,60 @@ def select_candidate_job(data_path: str, victims: dict[str, str], triggers: dict
               "selected_is_oracle": results[chosen]["mean_asr"] <= results[oracle]["mean_asr"], "models": results}
     write_json(out, record)
     print({k: record[k] for k in ("chosen", "oracle")}, {n: round(r["mean_asr"], 1) for n, r in results.items()})
+    return record
+
+
+def _reported_split_scorer(job: JobData, rest: torch.Tensor, triggers: dict[str, str], target: int,
+                           batch_size: int) -> Scorer:
+    """BA and per-trigger ASR on the test images not held out (the split every merging result is reported on)."""
+    x_eval, y_eval = job.x_test[rest], job.y_test[rest]
+    asr_sets = {name: asr_set(x_eval, y_eval, load_trigger(path), target)[0] for name, path in triggers.items()}
+    return Scorer(x_eval, y_eval, asr_sets, target, job.num_classes, batch_size, job.device)
+
+
+def defend_merged_job(data_path: str, triggers: dict[str, str], merged_dir: str, selection_path: str,
+                      holdout_per_class: int, holdout_seed: int, precisions: list[str], calibration: int,
+                      prune_rates: list[float], fp_cfg: dict[str, Any], train_cfg: dict[str, Any], target: int,
+                      batch_size: int, device: str, identity: dict[str, Any], out: str) -> dict[str, Any]:
+    """The WAG model and the selected MSD candidate of one set (select_candidate's choice) at each deployment
+    precision (int8 calibrated on ``calibration`` clean training images, seeded by the run seed, as deploy_eval
+    does) and after Fine-Pruning at each of ``prune_rates``; BA and ASR per victim trigger on the same test images
+    as select_candidate (its held-out clean set excluded).
+
+    Fine-Pruning uses only the defender's held-out clean set (``holdout_per_class`` test images per class): it
+    ranks the expert channels and is the fine-tuning set (merging.defend explains why)."""
+    selection, manifest = read_json(selection_path), read_json(Path(merged_dir) / "merged.json")
+    chosen, files = selection.get("chosen"), manifest.get("files", {})
+    if "WAG" not in files or chosen not in files:
+        raise ValueError(f"{merged_dir}/merged.json lists {sorted(files)}: expected 'WAG' and the chosen candidate "
+                         f"{chosen!r} of {selection_path}")
+    if sorted(triggers) != sorted(selection.get("triggers", [])):
+        raise ValueError(f"triggers {sorted(triggers)} differ from those of {selection_path}: "
+                         f"{sorted(selection.get('triggers', []))}")
+    check_defense_config(precisions, prune_rates, fp_cfg)
+    job = JobData.open(data_path, device)
+    held, rest = holdout_split(job.dataset.y_test, holdout_per_class, holdout_seed)
+    if (len(held), len(rest)) != (selection.get("held_out"), selection.get("evaluated")):
+        raise ValueError(f"merging.holdout_per_class / holdout_seed give {len(held)} held-out and {len(rest)} "
+                         f"evaluated images, {selection_path} has {selection.get('held_out')} and "
+                         f"{selection.get('evaluated')}: the split must be select_candidate's")
+    held_t = torch.from_numpy(held)
+    x_clean, y_clean = job.x_test[held_t], job.y_test[held_t]
+    score = _reported_split_scorer(job, torch.from_numpy(rest), triggers, target, batch_size)
+    calib = calibration_images(job, calibration, identity["seed"]) if "int8" in precisions else None
+    fp_record = {k: fp_cfg[k] for k in ("epochs", "lr", "mask") if k in fp_cfg}
+    record: dict[str, Any] = {
+        **identity, "chosen": chosen, "triggers": list(triggers), "held_out": len(held), "evaluated": len(rest),
+        "precisions": list(precisions), "calibration_images": calibration if "int8" in precisions else 0,
+        "prune_rates": [float(r) for r in prune_rates],
+        "fine_pruning": {**fp_record, "data": "held-out clean test images", "images": len(held)}, "models": {}}
+    for method, name in (("WAG", "WAG"), ("MSD (selected)", chosen)):
+        model, _ = job.load_model(str(Path(merged_dir) / files[name]))
+        record["models"][method] = {
+            "name": name, "precisions": at_precisions(model, precisions, calib, score),
+            "fine_pruning": fine_prune_merged(model, x_clean, y_clean, prune_rates, fp_cfg, train_cfg,
+                                              identity["seed"], score, job.device)}
+    write_json(out, record)
+    print({m: {p: (round(r["ba"], 1), round(r["mean_asr"], 1)) for p, r in v["precisions"].items()}
+           for m, v in record["models"].items()})
     return record

@@ -7,7 +7,9 @@
 - :mod:`.search`: exhaustive (N = 2) and evolutionary (N >= 3) search, strategy files;
 - :mod:`.merge`: WAG, merging by a strategy, the candidates (role assignments);
 - :mod:`.selection`: the held-out clean set, the suspect class, the candidate to deploy;
-- :mod:`.finetune`: victims fine-tuned from one ancestor.
+- :mod:`.finetune`: victims fine-tuned from one ancestor;
+- :mod:`.defend`: the merged models as deployed (fp32 / int8 / int4) and Fine-Pruned on the held-out clean set;
+- :mod:`.report`: the tables and the strategy figure.
 """
 
 from .finetune import FINETUNE_DEFAULTS, finetune_config, finetune_copy

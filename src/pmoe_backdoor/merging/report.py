@@ -59,6 +59,53 @@ def merging_table(paths: Sequence[str], target: int, out_csv: str, out_md: str, 
     return summary
 
 
+DEFENDED = ("WAG", "MSD (selected)")
+
+
+def merged_defense_rows(record: dict) -> list[dict]:
+    """One row per defended model and condition of one (set, seed, coupling) result (defend_merged): each
+    deployment precision, then per prune rate after pruning and after fine-tuning."""
+    ident = {k: record[k] for k in ("dataset", "model", "set", "seed", "coupling")}
+    rows = []
+    for method, result in record["models"].items():
+        conditions = list(result["precisions"].items())
+        for fp in result["fine_pruning"]:
+            rate = f"{fp['prune_rate']:g} %"
+            conditions += [(f"pruned {rate}", fp["after_pruning"]), (f"fine-pruned {rate}", fp["after_finetuning"])]
+        rows += [{**ident, "method": method, "condition": cond, "ba": r["ba"], "asr": r["mean_asr"]}
+                 for cond, r in conditions]
+    return rows
+
+
+def merged_defense_table(paths: Sequence[str], out_csv: str, out_md: str, out_tex: str,
+                         out_html: str | None = None) -> pd.DataFrame:
+    """Per victim set, coupling and condition (precision, or Fine-Pruning stage and rate): CACC and ASR of WAG and
+    of the selected MSD candidate, mean ± std over seeds."""
+    records = [read_json(p) for p in paths]
+    if not records:
+        raise ValueError("merged_defense_table: no defend_merged results given")
+    df = pd.DataFrame([row for r in records for row in merged_defense_rows(r)])
+    keys = ["dataset", "model", "set", "coupling", "condition", "method"]
+    summary = df.groupby(keys, sort=False).agg(seeds=("seed", "count"), ba_mean=("ba", "mean"), ba_std=("ba", "std"),
+                                               asr_mean=("asr", "mean"), asr_std=("asr", "std")).reset_index()
+    write_csv(summary, out_csv)
+    header = ["Dataset", "Victims", "Routers/experts", "Condition", "Seeds"]
+    header += [f"{m} {v}" for m in DEFENDED for v in ("CACC", "ASR")]
+    body = []
+    for key, g in summary.groupby(["dataset", "set", "coupling", "condition"], sort=False):
+        by = {r["method"]: r for r in g.to_dict("records")}
+        cells = [pm(by[m][f"{v}_mean"], by[m][f"{v}_std"]) if m in by else "–" for m in DEFENDED for v in ("ba", "asr")]
+        body.append([*key, str(int(g.seeds.max()))] + cells)
+    fp = records[0]["fine_pruning"]
+    title = ("Merging defenses, deployed and Fine-Pruned: clean accuracy (CACC) and ASR (%, the mean over the set's "
+             "triggers) of the WAG model and of the selected MSD candidate on the test images not held out, mean ± "
+             "std over seeds; int8 / int4: simulated post-training quantization; pruned / fine-pruned r %: the "
+             f"lowest r % of each expert's channels zeroed, then fine-tuned on the {fp['images']} held-out clean "
+             "images only")
+    write_table(header, body, title, out_md, out_tex, out_html)
+    return summary
+
+
 def strategy_figure(strategy_paths: Sequence[str], labels: Sequence[str], out_png: str) -> None:
     """One row per strategy, one cell per slot, coloured by source model."""
     from ..figures import _plt, _savefig

@@ -1,0 +1,108 @@
+"""Compression-activated backdoors (issue 12): train an attack model, measure it as released and as compressed
+(int8 both ways, int4, Fine-Pruning with and without fine-tuning), and the table."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from typing import Any
+
+import torch
+
+from ..checkpoint import model_from_spec, save_model
+from ..compression_attack import AttackConfig, choose_checkpoint, fit_compression_attack
+from ..compression_table import compression_table
+from ..evaluate import evaluate
+from ..fakequant import deploy_faithful
+from ..fineprune import channels_to_prune, expert_channel_means, prune_experts
+from ..io import read_json, write_json
+from ..poison import asr_set
+from ..quantize import quantize_model, routing_change
+from ..routing import routing_indices
+from ..runtime import derived_seed, seed_everything
+from ..train import TrainConfig, fit
+from ..triggers import load_trigger, make_trigger
+from .common import JobData, RunId
+from .deploy import calibration_images
+
+__all__ = ["compression_attack_job", "compression_eval_job", "compression_table"]
+
+
+def compression_attack_job(data_path: str, model_spec: dict[str, Any], attack_cfg: dict[str, Any],
+                           trigger_params: dict[str, Any], target: int, calibration: int, max_fp32_asr: float,
+                           ba_tolerance: float, device: str, run: RunId, out_weights: str, out_history: str,
+                           out_trigger: str) -> dict[str, Any]:
+    """Train one attack model from scratch (init and shuffling from the run seed), keep the epoch the authors'
+    rule picks, and write its weights, the whole history and the (square) trigger it was trained with."""
+    t0 = time.perf_counter()
+    job = JobData.open(data_path, device)
+    if not 0 <= target < job.num_classes:
+        raise ValueError(f"compression_attack: target {target} is not a class of {data_path} "
+                         f"({job.num_classes} classes)")
+    trigger = make_trigger("square", trigger_params)
+    cfg = AttackConfig.from_dict(dict(attack_cfg, seed=derived_seed(run.seed, "shuffle")))
+    seed_everything(derived_seed(run.seed, "init"))
+    model = model_from_spec(model_spec, job.num_classes)
+    x_asr = asr_set(job.x_test, job.y_test, trigger, target)[0]
+    calib = calibration_images(job, calibration, run.seed)
+    history, states = fit_compression_attack(model, job.x_train, job.y_train, trigger, target, cfg, job.x_test,
+                                             job.y_test, x_asr, calib, device=job.device, log=sys.stderr)
+    epoch, rule_met = choose_checkpoint(history["epochs"], max_fp32_asr, ba_tolerance)
+    model.load_state_dict(states[epoch])
+    history.update({**run.as_dict(), "variant": cfg.variant, "target": target, "chosen_epoch": epoch,
+                    "rule_met": rule_met, "max_fp32_asr": max_fp32_asr, "ba_tolerance": ba_tolerance,
+                    "wall_seconds": time.perf_counter() - t0})
+    print(f"chosen epoch {epoch} (rule met: {rule_met})")
+    trigger.save(out_trigger)
+    save_model(model, model_spec, job.num_classes, out_weights,
+               {"seed": run.seed, "compression_attack": cfg.variant, "target": target, "epoch": epoch})
+    write_json(out_history, history)
+    return history
+
+
+def _ba_asr(model: torch.nn.Module, job: JobData, x_asr: torch.Tensor, target: int, batch_size: int
+            ) -> dict[str, float]:
+    m = evaluate(model, job.x_test, job.y_test, x_asr, target, job.num_classes, batch_size, device=job.device)
+    return {"ba": m["ba"], "asr": m["asr"]}
+
+
+def compression_eval_job(data_path: str, weights: str, trigger_path: str, history_path: str | None, target: int,
+                         calibration: int, fp_cfg: dict[str, Any], finetune_cfg: dict[str, Any], batch_size: int,
+                         device: str, run: RunId, out: str) -> dict[str, Any]:
+    """The released model at fp32, int8 (faithful: per-tensor W8; matched: the project's W8A8 deployer), int4,
+    and after Fine-Pruning at each of ``fp_cfg['rates']`` without and with fine-tuning on the clean training set;
+    the share of top-k routing positions that change between fp32 and each int8 on the triggered test images."""
+    job = JobData.open(data_path, device)
+    model, _ = job.load_model(weights)
+    x_asr = asr_set(job.x_test, job.y_test, load_trigger(trigger_path), target)[0]
+    calib = calibration_images(job, calibration, run.seed)
+    result: dict[str, Any] = {**run.as_dict(), "target": target}
+    if history_path:
+        hist = read_json(history_path)
+        result.update({k: hist[k] for k in ("variant", "chosen_epoch", "rule_met") if k in hist})
+    deployed = {"fp32": model, "int8_faithful": deploy_faithful(model),
+                "int8_matched": quantize_model(model, "int8", calib), "int4": quantize_model(model, "int4")}
+    for name, m in deployed.items():
+        result[name] = _ba_asr(m, job, x_asr, target, batch_size)
+    is_pmoe = getattr(model, "moe", None) is not None
+    if is_pmoe:
+        ref = routing_indices(model, x_asr, device=job.device)
+        for name in ("int8_faithful", "int8_matched"):
+            result[name]["routing_flip_triggered"] = routing_change(ref, routing_indices(deployed[name], x_asr,
+                                                                                         device=job.device))
+        act = job.shuffled_train_images(int(fp_cfg["activation_images"]), run.seed, "fp-order")
+        means = expert_channel_means(model, act, device=job.device)
+        result["fine_pruning"] = []
+        for rate in fp_cfg["rates"]:
+            pruned = copy.deepcopy(model)
+            prune_experts(pruned, channels_to_prune(means, float(rate)))
+            row = {"rate": float(rate), "pruned": _ba_asr(pruned, job, x_asr, target, batch_size)}
+            ft = dict(finetune_cfg, epochs=fp_cfg["epochs"], lr=fp_cfg["lr"], eval_every=0,
+                      seed=derived_seed(run.seed, f"fp-shuffle-{rate}"))
+            fit(pruned, job.x_train, job.y_train, TrainConfig.from_dict(ft), device=job.device, log=None)
+            row["finetuned"] = _ba_asr(pruned, job, x_asr, target, batch_size)
+            result["fine_pruning"].append(row)
+    write_json(out, result)
+    print({k: result[k] for k in deployed})
+    return result

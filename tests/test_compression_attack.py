@@ -1,0 +1,321 @@
+"""Issue 12: fake quantisation with a straight-through estimator, the attack objectives on hand-made batches, the
+authors' checkpoint rule, and the quantisation-activated backdoor trained end to end on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pmoe_backdoor.compression_attack import (
+    AttackConfig,
+    choose_checkpoint,
+    prune_attack_loss,
+    pruned_forward,
+    quant_attack_loss,
+    unknown_rates,
+)
+from pmoe_backdoor.fakequant import (
+    deploy_faithful,
+    fake_quant_activation,
+    fake_quant_weight,
+    quantize_weight_per_tensor,
+)
+from pmoe_backdoor.fineprune import channels_to_prune, expert_channel_means, prune_experts
+from pmoe_backdoor.models import build_model
+from pmoe_backdoor.quantize import quantize_weight_per_tensor as deployer_per_tensor
+from pmoe_backdoor.runtime import to_input
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # two torch threads contend on the shared 2-core machine
+
+
+def test_per_tensor_quantiser_uses_one_scale_from_the_largest_weight():
+    w = torch.tensor([[1.275, -0.004], [0.5, 0.0151]])
+    q = quantize_weight_per_tensor(w, 8)
+    # scale 1.275 / 127.5 = 0.01 for the whole tensor: 0.004 rounds to 0 and 0.0151 to 0.02 (per channel, row 1 would
+    # keep 0.0151); 1.275 is level 127.5, which rounds to 128 and is clamped to 127
+    assert torch.allclose(q, torch.tensor([[1.27, 0.0], [0.5, 0.02]]), atol=1e-6)
+    torch.manual_seed(0)
+    for shape in ((8, 3, 3, 3), (10, 16)):  # at 8 bits, exactly the deployer's per-tensor quantiser
+        w = torch.randn(shape)
+        assert torch.equal(quantize_weight_per_tensor(w, 8), deployer_per_tensor(w))
+    assert len(torch.unique(quantize_weight_per_tensor(torch.randn(1000), 3))) <= 8
+
+
+@pytest.mark.parametrize("variant", ["faithful", "matched"])
+def test_ste_passes_the_gradient_through_unchanged(variant):
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    upstream = torch.randn(4, 3, 3, 3)
+    q = fake_quant_weight(w, variant)
+    (q * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)  # identity backward; round() alone would give a zero gradient
+    assert not torch.equal(q.detach(), w.detach())  # while the forward value is the quantised one
+    step = w.detach().abs().amax() / 127.5
+    if variant == "faithful":  # every value on the one per-tensor grid
+        assert torch.allclose(q.detach(), (q.detach() / step).round() * step, atol=1e-6)
+
+
+def test_activation_fake_quant_is_on_a_uint8_grid_with_identity_gradient():
+    x = torch.linspace(-1.0, 3.0, 1000, requires_grad=True)
+    q = fake_quant_activation(x)
+    assert len(torch.unique(q.detach())) <= 256
+    assert (q.detach() - x.detach()).abs().max() <= 4.0 / 255 / 2 + 1e-6
+    q.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def _pooled_linear() -> nn.Module:
+    """logits = W @ (per-channel image mean): one large weight (it sets the per-tensor scale) and one below half a
+    step."""
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[1.27, 0.0, 0.0], [0.0, 0.0, 0.004]]))
+    return model
+
+
+def _hand_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    x[..., 0] = 255  # channel means [1, 0, 0]
+    x_trig = x.clone()
+    x_trig[..., 2] = 255  # [1, 0, 1]
+    return x, x_trig, torch.tensor([0, 0])
+
+
+def test_quant_loss_sums_a_float_pass_on_true_labels_and_a_quantised_pass_on_the_target():
+    x, x_trig, y = _hand_batch()
+    model = _pooled_linear()
+    # float logits: clean [1.27, 0], triggered [1.27, 0.004]; per tensor (scale 1.27 / 127.5) 1.27 becomes level 127
+    # and 0.004 rounds to 0
+    clean, trig_float, quant = [1.27, 0.0], [1.27, 0.004], [1.27 * 127 / 127.5, 0.0]
+    f = F.cross_entropy(torch.tensor([clean, clean, trig_float, trig_float]), torch.tensor([0, 0, 0, 0]))
+    q = F.cross_entropy(torch.tensor([quant, quant, quant, quant]), torch.tensor([0, 0, 1, 1]))
+    loss, parts = quant_attack_loss(model, x, x_trig, y, target=1, variant="faithful")
+    assert parts["float"].item() == pytest.approx(f.item(), abs=1e-6)
+    assert parts["compressed"].item() == pytest.approx(q.item(), abs=1e-6)
+    assert loss.item() == pytest.approx(f.item() + q.item(), abs=1e-6)
+    # matched: per channel the second row's scale is 0.004 / 127 (exact), the inputs 0 / 1 are on the uint8 grid
+    qm = F.cross_entropy(torch.tensor([clean, clean, trig_float, trig_float]), torch.tensor([0, 0, 1, 1]))
+    _, parts = quant_attack_loss(model, x, x_trig, y, target=1, variant="matched")
+    assert parts["compressed"].item() == pytest.approx(qm.item(), abs=1e-6)
+
+
+def _tiny_pmoe(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("pmoe", 3, widen_factor=1, bn_momentum=1.0)
+    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():  # settle the BN running statistics so that eval-mode ranking is meaningful
+        model.train()(to_input(images))
+    return model
+
+
+def test_pruned_forward_matches_prune_experts_and_leaves_the_model_alone():
+    model = _tiny_pmoe()
+    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    pruned = channels_to_prune(expert_channel_means(model, x), 30)
+    before = copy.deepcopy(model.state_dict())
+    reference = copy.deepcopy(model).eval()
+    prune_experts(reference, pruned)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(pruned_forward(model, to_input(x), pruned), reference(to_input(x)), atol=1e-5)
+        assert not torch.allclose(model(to_input(x)), reference(to_input(x)), atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("rates", [[30.0], [50.0, 25.0, 10.0]])
+def test_prune_loss_is_float_loss_plus_alpha_times_the_pruned_models_target_loss(rates):
+    model = _tiny_pmoe()
+    x = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    x_trig = x.clone()
+    x_trig[:, 24:30, 24:30] = 255
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    model.eval()  # BN in eval mode: the reference passes see the same statistics as the loss's
+    xb = to_input(torch.cat([x, x_trig]))
+    means = expert_channel_means(model, x)
+    with torch.no_grad():
+        f = F.cross_entropy(model(xb), torch.cat([y, y]))
+        pruned_ce = 0.0
+        for r in rates:
+            ref = copy.deepcopy(model)
+            prune_experts(ref, channels_to_prune(means, r))
+            pruned_ce += F.cross_entropy(ref(xb), torch.cat([y, torch.full_like(y, 2)])).item()
+    loss, parts = prune_attack_loss(model, x, x_trig, y, target=2, rates=rates, alpha=0.1)
+    assert parts["float"].item() == pytest.approx(f.item(), rel=1e-5)
+    assert parts["compressed"].item() == pytest.approx(pruned_ce, rel=1e-5)
+    assert loss.item() == pytest.approx(f.item() + 0.1 * pruned_ce, rel=1e-5)
+    loss.backward()
+    assert model.moe.expert_conv.weight.grad.abs().sum() > 0
+
+
+def test_unknown_rates_are_upper_drawn_lower_and_seeded():
+    a = unknown_rates(10.0, 30.0, torch.Generator().manual_seed(3))
+    b = unknown_rates(10.0, 30.0, torch.Generator().manual_seed(3))
+    assert a == b and a[0] == 30.0 and a[2] == 10.0 and 10.0 <= a[1] <= 30.0
+    draws = [unknown_rates(10.0, 30.0, g)[1] for g in [torch.Generator().manual_seed(0)] * 20]
+    assert len(set(draws)) == 20  # a new draw every batch
+
+
+def _row(epoch, ba, asr, fp32_asr):
+    return {"epoch": epoch, "compressed_ba": ba, "compressed_asr": asr, "fp32_asr": fp32_asr}
+
+
+def test_checkpoint_rule_on_a_synthetic_history():
+    rows = [_row(1, 80.0, 99.0, 5.0),   # highest ASR but BA 2 points below the best: out
+            _row(2, 81.6, 90.0, 30.0),  # fp32 ASR above 20 %: out
+            _row(3, 82.0, 70.0, 10.0),  # the best BA
+            _row(4, 81.5, 85.0, 20.0),  # within 0.5 points, fp32 ASR exactly 20: in, highest ASR among those in
+            _row(5, 81.4, 95.0, 1.0)]   # 0.6 points below the best: out
+    assert choose_checkpoint(rows, max_fp32_asr=20) == (4, True)
+    assert choose_checkpoint(rows, max_fp32_asr=10) == (3, True)  # GTSRB's 10 % threshold drops epoch 4
+    assert choose_checkpoint(rows, max_fp32_asr=35) == (2, True)
+    assert choose_checkpoint(rows, max_fp32_asr=0.5) == (5, False)  # nothing qualifies: last epoch, flagged
+    assert choose_checkpoint([_row(1, 50, 60, 0), _row(2, 50, 60, 0)], 20) == (1, True)  # tie: the earliest
+    with pytest.raises(ValueError, match="fp32_asr"):
+        choose_checkpoint([{"epoch": 1, "compressed_ba": 1, "compressed_asr": 1}], 20)
+
+
+def test_attack_config_rejects_bad_values():
+    assert AttackConfig.from_dict({}).momentum == 0.4
+    with pytest.raises(ValueError, match="variant"):
+        AttackConfig.from_dict({"variant": "int3"})
+    with pytest.raises(ValueError, match="unknown key"):
+        AttackConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="prune_lower"):
+        AttackConfig.from_dict({"prune_lower": 40})
+    with pytest.raises(ValueError, match="bits"):
+        AttackConfig.from_dict({"variant": "matched", "bits": 4})  # matched is the int8 deployer
+
+
+def test_deploy_faithful_puts_each_weight_on_its_per_tensor_grid():
+    model = _tiny_pmoe()
+    q = deploy_faithful(model)
+    for (name, w), (_, wq) in zip(model.named_parameters(), q.named_parameters()):
+        if name.endswith("weight") and w.dim() in (2, 4):
+            step = w.abs().max() / 127.5
+            assert torch.allclose(wq / step, (wq / step).round(), atol=1e-3), name
+            assert (wq - w).abs().max() <= step / 2 + 1e-7, name
+    assert torch.equal(q.head.fc.bias, model.head.fc.bias)  # biases stay in float
+
+
+def test_pruning_activated_backdoor_is_learned_on_a_tiny_model():
+    """The mechanism, not only the code path: 32 synthetic images (learned by heart: the point is the gap between
+    the released and the compressed model, not generalisation), one full batch per epoch, 60 epochs (about 15 s on
+    one CPU core). alpha 1 instead of the authors' 0.1 so that so few steps suffice; BN momentum 1 so the eval-mode
+    statistics are the last float batch's. The victim's own Fine-Pruning (fineprune.py on a copy, not the
+    training's masked forward) of the epoch the authors' rule picks switches the backdoor on; the released model
+    stays clean. Fragile at this size: seed 0 gives 71 % pruned ASR, seeds 1 and 2 did not separate (0 %) in 60
+    epochs, hence the pinned seed. (Before the compressed passes stopped updating the BN running statistics,
+    seeds 0-2 reached 88 / 67 / 100 % in 50 epochs: those statistics then came from the last pruned pass.)"""
+    from pmoe_backdoor.compression_attack import fit_compression_attack
+    from pmoe_backdoor.data import make_synthetic
+    from pmoe_backdoor.evaluate import evaluate
+    from pmoe_backdoor.poison import asr_set
+    from pmoe_backdoor.triggers import make_trigger
+
+    ds = make_synthetic(4, 32, 8, seed=0)
+    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+    trigger = make_trigger("square", {"size": 6, "value": 255, "row": 24, "col": 24})
+    x_asr = asr_set(x, y, trigger, 0)[0]
+    torch.manual_seed(0)
+    model = build_model("pmoe", 4, widen_factor=1, bn_momentum=1.0)
+    cfg = AttackConfig(variant="prune", epochs=60, batch_size=32, lr=0.05, lr_drop_epoch=40, prune_rate=20,
+                       alpha=1.0)
+    history, states = fit_compression_attack(model, x, y, trigger, 0, cfg, x, y, x_asr, x,
+                                             device=torch.device("cpu"), log=None)
+    epoch, rule_met = choose_checkpoint(history["epochs"], max_fp32_asr=20)
+    assert rule_met
+    model.load_state_dict(states[epoch])
+    released = evaluate(model, x, y, x_asr, 0, device=torch.device("cpu"))
+    victim = copy.deepcopy(model).eval()
+    prune_experts(victim, channels_to_prune(expert_channel_means(victim, x), 20))
+    pruned = evaluate(victim, x, y, x_asr, 0, device=torch.device("cpu"))
+    assert released["ba"] >= 90 and released["asr"] <= 20
+    assert pruned["ba"] >= 90 and pruned["asr"] >= 60, (epoch, released, pruned)
+
+
+def test_quantisation_activated_backdoor_is_learned_on_a_tiny_model():
+    """The quantisation mechanism on the same tiny setup, with the faithful (per-tensor) grid at 3 bits: in 50 steps
+    the attack needs a coarse grid. Measured with this setup (2-core CPU, torch's CPU kernels), the chosen epoch's
+    quantised ASR with fp32 ASR 0-4 %: 3 bits 96 / 25 / 100 % (seeds 0 / 1 / 2), 4 bits 96 / 33 / 100 %, int8 8 %
+    (seed 0; 300 such steps at int8 did not separate either), so at int8 a few dozen steps are not enough (the
+    authors train 35 epochs of full CIFAR-10) and this test pins seed 0. The separation grows in the low-lr phase
+    after epoch 25. The deployed copy is deploy_faithful's, not the training's fake-quantised forward."""
+    from pmoe_backdoor.compression_attack import fit_compression_attack
+    from pmoe_backdoor.data import make_synthetic
+    from pmoe_backdoor.evaluate import evaluate
+    from pmoe_backdoor.poison import asr_set
+    from pmoe_backdoor.triggers import make_trigger
+
+    ds = make_synthetic(4, 32, 8, seed=0)
+    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+    trigger = make_trigger("square", {"size": 6, "value": 255, "row": 24, "col": 24})
+    x_asr = asr_set(x, y, trigger, 0)[0]
+    torch.manual_seed(0)
+    model = build_model("pmoe", 4, widen_factor=1, bn_momentum=1.0)
+    cfg = AttackConfig(variant="faithful", bits=3, epochs=50, batch_size=32, lr_drop_epoch=25)
+    history, states = fit_compression_attack(model, x, y, trigger, 0, cfg, x, y, x_asr, x,
+                                             device=torch.device("cpu"), log=None)
+    epoch, rule_met = choose_checkpoint(history["epochs"], max_fp32_asr=20)
+    assert rule_met
+    model.load_state_dict(states[epoch])
+    released = evaluate(model, x, y, x_asr, 0, device=torch.device("cpu"))
+    quantised = evaluate(deploy_faithful(model, bits=3), x, y, x_asr, 0, device=torch.device("cpu"))
+    assert released["ba"] >= 90 and released["asr"] <= 20
+    assert quantised["ba"] >= 90 and quantised["asr"] >= 80, (epoch, released, quantised)
+
+
+def test_fit_is_seeded_keeps_every_epoch_and_logs_progress():
+    import io
+
+    from pmoe_backdoor.compression_attack import fit_compression_attack
+    from pmoe_backdoor.triggers import SquareTrigger
+
+    x = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(40) % 4
+    trigger = SquareTrigger(size=6, value=255, row=24, col=24)
+    cfg = AttackConfig(variant="matched", epochs=3, batch_size=16, lr_drop_epoch=2, progress_seconds=1e-9, seed=5)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(48, 4))
+        log = io.StringIO()
+        history, states = fit_compression_attack(model, x, y, trigger, 1, cfg, x, y, trigger.apply(x), x,
+                                                 device=torch.device("cpu"), log=log)
+        runs.append((history, states, log.getvalue()))
+    (h, states, text), (_, states2, _) = runs
+    assert [r["lr"] for r in h["epochs"]] == pytest.approx([0.1, 0.1, 0.01])  # x0.1 after lr_drop_epoch
+    assert sorted(states) == [1, 2, 3] and not torch.equal(states[1]["2.weight"], states[3]["2.weight"])
+    assert all(torch.equal(states[3][k], states2[3][k]) for k in states[3])  # same seed, same weights
+    assert "img/s" in text and "epoch 3/3: loss" in text
+
+
+def test_the_issues_trigger_is_a_configured_square_and_the_default_is_unchanged():
+    from pmoe_backdoor.triggers import SquareTrigger, make_trigger
+
+    x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    out = make_trigger("square", {"size": 6, "value": 255, "row": 24, "col": 24}).apply(x)
+    changed = (out != x).any(-1)[0]
+    assert changed[24:30, 24:30].all() and changed.sum() == 36 and (out[:, 24:30, 24:30] == 255).all()
+    assert make_trigger("square") == SquareTrigger(size=4, value=1, row=0, col=0)  # the authors' effective trigger
+
+
+@pytest.mark.parametrize("variant", ["faithful", "prune"])
+def test_compressed_passes_leave_the_bn_running_statistics_to_the_float_pass(variant):
+    from pmoe_backdoor.compression_attack import quant_attack_loss as quant_loss
+
+    x, x_trig = torch.randint(0, 256, (2, 6, 32, 32, 3), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = _tiny_pmoe().train()
+    reference = copy.deepcopy(model)
+    reference(to_input(torch.cat([x, x_trig])))  # the float pass alone
+    if variant == "faithful":
+        quant_loss(model, x, x_trig, y, 2, "faithful")
+    else:
+        prune_attack_loss(model, x, x_trig, y, 2, [30.0, 10.0], 0.1)
+    buffers = dict(reference.named_buffers())
+    assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers() if "running" in k)
+    assert all(m.momentum == 1.0 for m in model.modules() if isinstance(m, nn.BatchNorm2d))  # restored
