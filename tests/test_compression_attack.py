@@ -201,6 +201,20 @@ def test_deploy_faithful_puts_each_weight_on_its_per_tensor_grid():
     assert torch.equal(q.head.fc.bias, model.head.fc.bias)  # biases stay in float
 
 
+
+def _tiny_attack_setup():
+    """32 synthetic 4-class images, the authors' 6x6 trigger (target 0), its ASR set and a seeded widen-1 pmoe."""
+    from pmoe_backdoor.data import make_synthetic
+    from pmoe_backdoor.poison import asr_set
+    from pmoe_backdoor.triggers import make_trigger
+
+    ds = make_synthetic(4, 32, 8, seed=0)
+    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+    trigger = make_trigger("square", {"size": 6, "value": 255, "row": 24, "col": 24})
+    x_asr = asr_set(x, y, trigger, 0)[0]
+    torch.manual_seed(0)
+    return x, y, trigger, x_asr, build_model("pmoe", 4, widen_factor=1, bn_momentum=1.0)
+
 def test_pruning_activated_backdoor_is_learned_on_a_tiny_model():
     """The mechanism, not only the code path: 32 synthetic images (learned by heart: the point is the gap between
     the released and the compressed model, not generalisation), one full batch per epoch, 60 epochs (about 15 s on
@@ -211,17 +225,9 @@ def test_pruning_activated_backdoor_is_learned_on_a_tiny_model():
     epochs, hence the pinned seed. (Before the compressed passes stopped updating the BN running statistics,
     seeds 0-2 reached 88 / 67 / 100 % in 50 epochs: those statistics then came from the last pruned pass.)"""
     from pmoe_backdoor.compression_attack import fit_compression_attack
-    from pmoe_backdoor.data import make_synthetic
     from pmoe_backdoor.evaluate import evaluate
-    from pmoe_backdoor.poison import asr_set
-    from pmoe_backdoor.triggers import make_trigger
 
-    ds = make_synthetic(4, 32, 8, seed=0)
-    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
-    trigger = make_trigger("square", {"size": 6, "value": 255, "row": 24, "col": 24})
-    x_asr = asr_set(x, y, trigger, 0)[0]
-    torch.manual_seed(0)
-    model = build_model("pmoe", 4, widen_factor=1, bn_momentum=1.0)
+    x, y, trigger, x_asr, model = _tiny_attack_setup()
     cfg = AttackConfig(variant="prune", epochs=60, batch_size=32, lr=0.05, lr_drop_epoch=40, prune_rate=20,
                        alpha=1.0)
     history, states = fit_compression_attack(model, x, y, trigger, 0, cfg, x, y, x_asr, x,
@@ -245,17 +251,9 @@ def test_quantisation_activated_backdoor_is_learned_on_a_tiny_model():
     authors train 35 epochs of full CIFAR-10) and this test pins seed 0. The separation grows in the low-lr phase
     after epoch 25. The deployed copy is deploy_faithful's, not the training's fake-quantised forward."""
     from pmoe_backdoor.compression_attack import fit_compression_attack
-    from pmoe_backdoor.data import make_synthetic
     from pmoe_backdoor.evaluate import evaluate
-    from pmoe_backdoor.poison import asr_set
-    from pmoe_backdoor.triggers import make_trigger
 
-    ds = make_synthetic(4, 32, 8, seed=0)
-    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
-    trigger = make_trigger("square", {"size": 6, "value": 255, "row": 24, "col": 24})
-    x_asr = asr_set(x, y, trigger, 0)[0]
-    torch.manual_seed(0)
-    model = build_model("pmoe", 4, widen_factor=1, bn_momentum=1.0)
+    x, y, trigger, x_asr, model = _tiny_attack_setup()
     cfg = AttackConfig(variant="faithful", bits=3, epochs=50, batch_size=32, lr_drop_epoch=25)
     history, states = fit_compression_attack(model, x, y, trigger, 0, cfg, x, y, x_asr, x,
                                              device=torch.device("cpu"), log=None)
