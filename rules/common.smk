@@ -689,12 +689,21 @@ def strip_triggers(wildcards):
     return {n: f"{RESULTS}/{wildcards.dataset}/triggers/{n}/seed{wildcards.seed}.safetensors" for n in names}
 
 
+def blindspot_nc_targets(dataset):
+    """Neural Cleanse on the same models as the other defenses (every blindspot seed, not only the
+    neural_cleanse.seeds of the detection table), at the precisions both blocks name."""
+    if not NC["enabled"]:
+        return []
+    precisions = [p for p in NC["precisions"] if p in BLIND["precisions"]]
+    return [f"{run}/neural_cleanse/{p}.json" for run, _ in blindspot_runs(dataset) for p in precisions]
+
+
 def blindspot_inputs(dataset):
     """Every defense summary of the table (Neural Cleanse's included), the deployed runs' ASR/BA, and the
     Fine-Pruned models as deployed."""
-    runs = {run for run, _ in blindspot_runs(dataset)} | {run for run, _, _ in nc_runs(dataset)}
+    runs = {run for run, _ in blindspot_runs(dataset)}
     return {
-        "defenses": blindspot_defense_targets(dataset) + nc_targets(dataset),
+        "defenses": blindspot_defense_targets(dataset) + blindspot_nc_targets(dataset),
         "deployed": [f"{run}/deployed.json" for run in sorted(runs)] if DEPLOY["precisions"] else [],
         "fine_pruned": [t for t in deploy_targets(dataset) if "/fineprune/" in t],
     }
