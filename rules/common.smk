@@ -612,10 +612,14 @@ def compression_nc_targets(dataset):
 
 
 def compression_clean_nc(dataset):
-    """The clean models' fp32 Neural Cleanse summaries (the negatives of the ROC-AUC), when the study has them."""
+    """The clean models' fp32 Neural Cleanse summaries (the negatives of the ROC-AUC), when the study has them:
+    those of the detection table and, when the blindspot table runs Neural Cleanse at fp32, its clean seeds too."""
     if not NC["enabled"] or "fp32" not in NC["precisions"]:
         return []
-    return [f"{run}/neural_cleanse/fp32.json" for run, attack, _ in nc_runs(dataset) if attack == "clean"]
+    runs = {run for run, attack, _ in nc_runs(dataset) if attack == "clean"}
+    if "fp32" in BLIND.get("precisions", []):
+        runs |= {run for run, attack in blindspot_runs(dataset) if attack == "clean"}
+    return [f"{run}/neural_cleanse/fp32.json" for run in sorted(runs)]
 
 
 def compression_targets():

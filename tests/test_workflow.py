@@ -303,3 +303,20 @@ def test_smoke_compression_attack_table(smoke_run: Path):
     assert len(list(res.glob("synth/pmoe/compression/*/seed*/neural_cleanse/fp32.json"))) == len(evaluations)
     table = (res / "tables/compression_synth.md").read_text()
     assert all(f"| {v} |" in table for v in cfg["variants"]) and "ROC-AUC" in table
+
+
+def test_blindspot_runs_neural_cleanse_on_every_seed_it_analyses(tmp_path: Path):
+    """Issue 13: the blindspot table's Neural Cleanse rows cover the same models as its other defenses (here two
+    clean seeds, though neural_cleanse.seeds is 1) at the precisions both blocks name; the compression table's
+    ROC-AUC takes those clean models as negatives when they are run at fp32."""
+    cfg = write_config(tmp_path / "blind.yaml", **{"blindspot.seeds": 2, "blindspot.precisions": ["fp32", "int8"]})
+    proc = snakemake(tmp_path / "work", "-n", "--", "results/tables/blindspot_synth.csv",
+                     "results/tables/compression_synth.csv", configfile=cfg, timeout=120)
+    planned = set(re.findall(r"results/synth/pmoe/\S+/neural_cleanse/\S+\.json", proc.stdout + proc.stderr))
+    blind = {f"results/synth/pmoe/{run}/neural_cleanse/{p}.json"
+             for run in ("clean/seed0", "clean/seed1", "square-10/seed0") for p in ("fp32", "int8")}
+    assert blind <= planned, sorted(blind - planned)
+    # nothing for the triggers the blindspot block leaves out: those belong to the detection table only
+    assert not any("/blend-" in p or "/warped-" in p for p in planned), sorted(planned)
+    table_inputs = re.search(r"rule compression_attack_table:\n\s+input: ([^\n]+)", proc.stdout + proc.stderr)
+    assert table_inputs and "clean/seed1/neural_cleanse/fp32.json" in table_inputs.group(1), proc.stdout[-3000:]
