@@ -134,3 +134,31 @@ def test_cpu_forward_batch_keeps_the_widest_map_under_the_budget(widen):
     model = build_model("pmoe", 10, widen_factor=widen).eval()
     assert evaluate.widest_activation_bytes(model) == widest
     assert cpu_forward_batch(model) == evaluate.CPU_ACTIVATION_BYTES // widest
+
+
+def test_predict_logits_takes_float_images_in_model_form():
+    """STRIP's superimposed images arrive as float (N, 3, 32, 32) in [0, 1]: the same logits as their uint8 form."""
+    model, x = _trained_like(widen=1), _images(20)
+    as_float = to_input(x, channels_last=True).clone()
+    assert torch.equal(predict_logits(model, as_float, CPU, 8), predict_logits(model, x, CPU, 8))
+
+
+def test_compiled_inference_matches_and_is_rebuilt_only_when_the_weights_change():
+    """evaluation.compile: the compiled forward gives the eager logits (the last, short batch padded to the compiled
+    shape), is reused by the next call on the same model, and rebuilt after an in-place weight update."""
+    import shutil
+
+    model, x = _trained_like(widen=1), _images(21)
+    eager = predict_logits(model, x, CPU, 8, compile=False)
+    compiled = predict_logits(model, x, CPU, 8, compile=True)
+    forward = evaluate._COMPILED[model][1]
+    assert _rel(compiled, eager) < 1e-4 and torch.equal(compiled.argmax(1), eager.argmax(1))
+    assert torch.equal(predict_logits(model, x, CPU, 8, compile=True), compiled)
+    assert evaluate._COMPILED[model][1] is forward  # reused: no second compilation
+    with torch.no_grad():
+        model.head.fc.bias.add_(1.0)
+    shifted = predict_logits(model, x, CPU, 8, compile=True)
+    assert evaluate._COMPILED[model][1] is not forward
+    assert _rel(shifted - 1.0, eager) < 1e-4
+    if shutil.which("g++") or shutil.which("c++"):  # inductor's CPU backend needs a C++ compiler
+        assert forward.ok is True, "torch.compile fell back to eager"

@@ -175,12 +175,14 @@ class _EagerFallback:
             return self.eager(*args)
 
 
-def compiled_or_eager(fn: Callable, compile: bool, log: TextIO | None, what: str) -> Callable:
-    """``fn`` compiled by torch.compile when asked, falling back to ``fn`` itself wherever compiling fails."""
+def compiled_or_eager(fn: Callable, compile: bool, log: TextIO | None, what: str,
+                      dynamic: bool | None = None) -> Callable:
+    """``fn`` compiled by torch.compile when asked (``dynamic`` as torch.compile's), falling back to ``fn`` itself
+    wherever compiling fails."""
     if not compile:
         return fn
     try:
-        return _EagerFallback(torch.compile(fn), fn, log, what)
+        return _EagerFallback(torch.compile(fn, dynamic=dynamic), fn, log, what)
     except Exception as exc:  # pragma: no cover - depends on the platform's compiler
         _note(log, f"torch.compile unavailable ({exc}); running {what} eagerly")
         return fn

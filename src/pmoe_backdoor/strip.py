@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .evaluate import predict_logits
+
 SUPERIMPOSE = ("add", "average")
 
 
@@ -33,7 +35,6 @@ def superimpose(x: torch.Tensor, overlay: torch.Tensor, mode: str) -> torch.Tens
     raise ValueError(f"strip.superimpose must be one of {SUPERIMPOSE}, got {mode!r}")
 
 
-@torch.inference_mode()
 def strip_entropy(model: nn.Module, x: torch.Tensor, pool: torch.Tensor, overlays: int, seed: int,
                   mode: str = "add", batch_size: int = 500, device: torch.device | None = None) -> torch.Tensor:
     """Per input of ``x`` (uint8 N x 32 x 32 x 3): the mean prediction entropy over ``overlays`` superimposed
@@ -41,7 +42,6 @@ def strip_entropy(model: nn.Module, x: torch.Tensor, pool: torch.Tensor, overlay
     if len(pool) == 0 or overlays < 1:
         raise ValueError("STRIP needs a non-empty pool of clean overlay images and at least one overlay")
     device = device or next(model.parameters()).device
-    model.eval()
     gen = torch.Generator().manual_seed(seed)
     per_chunk = max(1, batch_size // overlays)
     out = []
@@ -49,7 +49,7 @@ def strip_entropy(model: nn.Module, x: torch.Tensor, pool: torch.Tensor, overlay
         xb = x[start:start + per_chunk]
         idx = torch.randint(len(pool), (len(xb), overlays), generator=gen)
         mixed = superimpose(xb[:, None], pool[idx], mode).flatten(0, 1).permute(0, 3, 1, 2)
-        p = torch.softmax(model(mixed.to(device)).float(), dim=1)
+        p = torch.softmax(predict_logits(model, mixed, device, batch_size), dim=1)
         h = -(p * torch.log2(p.clamp_min(1e-12))).sum(1)
         out.append(h.view(len(xb), overlays).mean(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
