@@ -182,7 +182,8 @@ def compiled_or_eager(fn: Callable, compile: bool, log: TextIO | None, what: str
     if not compile:
         return fn
     try:
-        return _EagerFallback(torch.compile(fn, dynamic=dynamic), fn, log, what)
+        options = {} if dynamic is None else {"dynamic": dynamic}
+        return _EagerFallback(torch.compile(fn, **options), fn, log, what)
     except Exception as exc:  # pragma: no cover - depends on the platform's compiler
         _note(log, f"torch.compile unavailable ({exc}); running {what} eagerly")
         return fn
