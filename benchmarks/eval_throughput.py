@@ -9,7 +9,7 @@ with the TensorFlow reference (benchmarks/tf_reference.py).
 
 Modes: ``predict`` is ``evaluate.predict_logits`` at ``batch_size`` = the batch (the library's evaluation path);
 ``forward`` is the bare eval forward ``model(x)`` on batches of that size under ``torch.inference_mode``,
-``nograd`` the same under ``torch.no_grad``; ``compile`` is ``predict_logits(compile=True)`` (evaluation.compile:
+``nograd`` the same under ``torch.no_grad``; ``compile`` is ``predict_logits(compile=True)`` (PMOE_COMPILE_INFERENCE=1:
 torch.compile, inductor with frozen weights, of the BN-folded copy), its compile time printed. Configurations are
 timed round-robin, ``--repeat`` rounds, and the median is printed with the images per CPU-second (user + sys of all
 threads; less sensitive to other load on a shared machine) and the kernel's (sys) share of that CPU time.
@@ -114,7 +114,7 @@ def make_run(mode, model, x, bs, precision, cl, predict_logits, to_input, autoca
         return lambda: predict_logits(model, x, dev, bs, precision, cl)
     if mode == "compile":
         if "compile" not in inspect.signature(predict_logits).parameters:
-            return None  # a library from before evaluation.compile
+            return None  # a library from before compiled inference
         t0 = time.perf_counter()
         predict_logits(model, x, dev, bs, precision, cl, compile=True)  # one compilation per batch shape
         print(f"# compile (batch {bs}, {precision}): {time.perf_counter() - t0:.1f} s, with one pass")

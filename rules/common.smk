@@ -2,7 +2,6 @@
 
 import copy
 import functools
-import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,10 +86,6 @@ DEPLOY = config["deployment"]
 NC = config["neural_cleanse"]
 # the Fine-Pruning keys one fine_prune job depends on (the others only choose which jobs exist)
 FP_JOB_KEYS = ("epochs", "lr", "activation_images", "mask")
-# evaluation.compile changes speed, not results: it reaches the jobs (local subprocesses, and cluster jobs, which
-# parse this file again) as an environment variable that evaluate.COMPILE_INFERENCE reads, not as a rule param
-if config["evaluation"].get("compile", False):
-    os.environ["PMOE_COMPILE_INFERENCE"] = "1"
 
 
 wildcard_constraints:

@@ -144,7 +144,7 @@ def test_predict_logits_takes_float_images_in_model_form():
 
 
 def test_compiled_inference_matches_and_is_rebuilt_only_when_the_weights_change():
-    """evaluation.compile: the compiled forward gives the eager logits (the last, short batch padded to the compiled
+    """PMOE_COMPILE_INFERENCE: the compiled forward gives the eager logits (the last, short batch padded to the compiled
     shape), is reused by the next call on the same model, and rebuilt after an in-place weight update."""
     import shutil
 

@@ -26,7 +26,8 @@ CPU_FORWARD_BATCH: int | None = None
 # run on prepacked oneDNN weights and BN-ReLU is fused), the default of predict_logits' ``compile``. It costs a
 # compilation per model and batch shape (seconds to tens of seconds), so it pays only where one model runs many
 # forward passes (STRIP, Neural Cleanse's evaluations, deployment at several precisions); benchmarks/README.md,
-# "Inference on a CPU". The workflow sets it from evaluation.compile through this environment variable.
+# "Compiled inference". Speed only (the same predictions up to float rounding), so it is an environment variable
+# (PMOE_COMPILE_INFERENCE=1 before snakemake; jobs inherit it) rather than a config key that would rerun jobs.
 COMPILE_INFERENCE: bool = os.environ.get("PMOE_COMPILE_INFERENCE", "0") == "1"
 # model -> (what the compiled forward was built from, the compiled forward); weak, so models are not kept alive
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Callable]]" = weakref.WeakKeyDictionary()
