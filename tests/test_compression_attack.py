@@ -201,7 +201,6 @@ def test_deploy_faithful_puts_each_weight_on_its_per_tensor_grid():
     assert torch.equal(q.head.fc.bias, model.head.fc.bias)  # biases stay in float
 
 
-
 def _tiny_attack_setup():
     """32 synthetic 4-class images, the authors' 6x6 trigger (target 0), its ASR set and a seeded widen-1 pmoe."""
     from pmoe_backdoor.data import make_synthetic
@@ -214,6 +213,7 @@ def _tiny_attack_setup():
     x_asr = asr_set(x, y, trigger, 0)[0]
     torch.manual_seed(0)
     return x, y, trigger, x_asr, build_model("pmoe", 4, widen_factor=1, bn_momentum=1.0)
+
 
 def test_pruning_activated_backdoor_is_learned_on_a_tiny_model():
     """The mechanism, not only the code path: 32 synthetic images (learned by heart: the point is the gap between
