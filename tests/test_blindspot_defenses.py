@@ -257,9 +257,22 @@ def test_blindspot_table_rates_and_claims(tmp_path):
                 for s in (0, 1)]
     fine_pruned = [write("fp.json", [{**run("square-10", 0), "fine_pruned": "clean 30 %", "precision": "int4",
                                       "ba": 85.0, "asr": 12.0}])]
+    # label-level summaries: flagging some label detects the model; the target column asks whether it was the target
+    defenses += [write(f"ss_{a}_{s}.json", {**run(a, s), "defense": "Spectral Signatures", "precision": "int4",
+                                            "target": 0, "flagged_labels": labels, "flagged": bool(labels)})
+                 for a, s, labels in [("square-10", 0, [3]), ("square-10", 1, [0, 3]), ("clean", 0, [5])]]
+    defenses[3] = write("nc_target.json", {**run("square-10", 1), "precision": "int4", "flagged": False,
+                                           "target": 0, "detected_target": False})
     out = [str(tmp_path / f"t.{e}") for e in ("csv", "md", "tex")]
     t = blindspot_table(defenses, deployed, fine_pruned, 20.0, "gtsrb", *out)
     rows = {(r["defense"], r["trigger"], r["precision"]): r for r in t.to_dict("records")}
+    ss = rows[("Spectral Signatures", "square", "int4")]
+    assert ss["detected_mean"] == 100.0 and ss["target_found_mean"] == 50.0
+    assert rows[("Spectral Signatures", "clean", "int4")]["detected_mean"] == 100.0
+    assert np.isnan(rows[("Spectral Signatures", "clean", "int4")]["target_found_mean"])  # no target on a clean model
+    assert rows[("Neural Cleanse", "square", "int4")]["target_found_mean"] == 0.0  # the summary without it: skipped
+    assert np.isnan(rows[("Neural Cleanse", "square", "int8_dynamic")]["target_found_mean"])
+    assert "Target label flagged %" in open(out[1]).read()
     nc8 = rows[("Neural Cleanse", "square", "int8_dynamic")]
     assert nc8["models"] == 2 and nc8["detected_mean"] == 0.0 and nc8["asr_mean"] == 99.5
     assert nc8["agrees"] is True  # 0 % detected and ASR above 99 %, as the paper says

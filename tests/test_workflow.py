@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def smoke_run(smoke_workdir: Path) -> Path:
-    """The session's one finished smoke run (tests/conftest.py); a test that changes it puts it back."""
+    """The session's one finished smoke run (tests/conftest.py); a test that changes it works on a copy."""
     return smoke_workdir
 
 
@@ -118,8 +119,11 @@ def test_second_run_has_nothing_to_do(smoke_run: Path):
 
 
 def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path: Path):
+    # a copy of the finished run (copy2 keeps the mtimes Snakemake compares), so the shared one needs no re-run after
+    work = tmp_path / "work"
+    shutil.copytree(smoke_run, work, symlinks=True)
     cfg = write_config(tmp_path / "changed.yaml", **{"fine_pruning.epochs": 2})
-    plan = planned_jobs(snakemake(smoke_run, "-n", configfile=cfg))
+    plan = planned_jobs(snakemake(work, "-n", configfile=cfg))
     assert plan.get("fine_prune") == 4, plan  # 2 prune rates x 2 fine-tuning sets
     assert "train_model" not in plan and "evaluate" not in plan and "poison" not in plan, plan
     # the merged models' Fine-Pruning (defend_merged) follows fine_pruning.epochs too, and the blindspot table
@@ -127,14 +131,13 @@ def test_fine_pruning_change_reruns_only_fine_pruning(smoke_run: Path, tmp_path:
     assert set(plan) <= {"fine_prune", "fine_pruning_table", "fineprune_routing_maps", "deploy_eval_fine_pruned",
                          "precision_table", "defend_merged", "merged_defense_table", "blindspot_table",
                          "config_record", "all"}, plan
-    weights = sorted((smoke_run / "results").glob("synth/pmoe/*/seed*/weights.safetensors"))  # trained models
+    weights = sorted((work / "results").glob("synth/pmoe/*/seed*/weights.safetensors"))  # trained models
     assert weights
     before = {p: p.stat().st_mtime_ns for p in weights}
-    snakemake(smoke_run, configfile=cfg)
+    snakemake(work, configfile=cfg)
     assert {p: p.stat().st_mtime_ns for p in weights} == before, "training outputs must not be rewritten"
-    fp = json.loads(next((smoke_run / "results").rglob("fineprune/clean/10/metrics.json")).read_text())
+    fp = json.loads(next((work / "results").rglob("fineprune/clean/10/metrics.json")).read_text())
     assert len(fp["finetune_history"]) == 2
-    snakemake(smoke_run)  # back to the smoke config for the other tests
 
 
 @pytest.mark.parametrize("change, expected", [

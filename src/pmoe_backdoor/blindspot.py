@@ -38,11 +38,23 @@ def paper_claim(defense: str, precision: str, paper_dataset: str) -> tuple[str, 
     return "", None, None
 
 
+def target_found(m: dict) -> float:
+    """100 when a label-level defense's summary names the attack's target among the labels it flags, 0 when it
+    does not, nan for a clean model or a defense without labels (STRIP decides per input, Fine-Pruning by ASR)."""
+    if m.get("target") is None or parse_attack(m["attack"])[0] == "clean":
+        return np.nan
+    if "flagged_labels" in m:  # Activation Clustering, Spectral Signatures
+        return 100.0 * (m["target"] in m["flagged_labels"])
+    if "detected_target" in m:  # Neural Cleanse
+        return 100.0 * bool(m["detected_target"])
+    return np.nan
+
+
 def _row(m: dict, defense: str, detected: bool, asr_after: float = np.nan) -> dict:
     trigger, rate = parse_attack(m["attack"])
     return {"dataset": m["dataset"], "model": m["model"], "defense": defense, "trigger": trigger, "rate": float(rate),
             "seed": m["seed"], "precision": m["precision"], "detected": 100.0 * bool(detected),
-            "asr_after": asr_after}
+            "target_found": target_found(m), "asr_after": asr_after}
 
 
 def collect(defense_paths: Sequence[str], deployed_paths: Sequence[str], fine_pruned_paths: Sequence[str],
@@ -88,6 +100,7 @@ def summarise(df: pd.DataFrame, paper_name: str) -> pd.DataFrame:
     for key, g in df.groupby(keys, sort=False):
         r = dict(zip(keys, key))
         r.update(models=len(g), detected_mean=g.detected.mean(), detected_std=std(g.detected),
+                 target_found_mean=g.target_found.mean(),
                  asr_mean=g["asr"].mean() if "asr" in g else np.nan, asr_std=std(g["asr"]) if "asr" in g else np.nan,
                  ba_mean=g["ba"].mean() if "ba" in g else np.nan, ba_std=std(g["ba"]) if "ba" in g else np.nan,
                  asr_after_mean=g.asr_after.mean())
@@ -117,45 +130,62 @@ def blindspot_table(defense_paths: Sequence[str], deployed_paths: Sequence[str],
                          f"{len(fine_pruned_paths)} Fine-Pruning files is at the precisions {list(precisions or [])}")
     write_csv(summary, out_csv)
     header = ["Dataset", "Model", "Defense", "Trigger", "Rate %", "Precision", "Models", "Detected % (clean: FP %)",
-              "ASR %", "BA %", "ASR after FP %", "Paper (Pandey & Ye)", "Agrees"]
+              "Target label flagged %", "ASR %", "BA %", "ASR after FP %", "Paper (Pandey & Ye)", "Agrees"]
     body = [[r["dataset"], r["model"], r["defense"], r["trigger"], "–" if r["trigger"] == "clean" else f"{r['rate']:g}",
              PRECISION_NOTES.get(r["precision"], r["precision"]), str(r["models"]),
-             pm(r["detected_mean"], r["detected_std"], 0), pm(r["asr_mean"], r["asr_std"]),
-             pm(r["ba_mean"], r["ba_std"]), num(r["asr_after_mean"]), r["paper"] or "–",
-             {True: "yes", False: "no"}.get(r["agrees"], "–")] for r in summary.to_dict("records")]
+             pm(r["detected_mean"], r["detected_std"], 0), num(r["target_found_mean"], 0),
+             pm(r["asr_mean"], r["asr_std"]), pm(r["ba_mean"], r["ba_std"]), num(r["asr_after_mean"]),
+             r["paper"] or "–", {True: "yes", False: "no"}.get(r["agrees"], "–")] for r in summary.to_dict("records")]
     title = (f"Quantization blindspot: each defense on the models as deployed; Detected %: share of attacked models "
              f"the defense flags (Fine-Pruning: ASR after it below {fp_asr_level:g} %), for clean models the false "
-             "positives; mean ± std over seeds; ASR and BA of the undefended model at that precision; the paper's "
+             "positives; Target label flagged %: share of attacked models whose flagged labels include the attack's "
+             "target (label-level defenses); mean ± std over seeds; ASR and BA of the undefended model at that "
+             "precision; the paper's "
              f"claim for {paper_name} (INT8 = dynamic quantization) and whether ours agrees")
     write_table(header, body, title, out_md, out_tex, out_html)
     return summary
 
 
+def _rate_lines(ax, g: pd.DataFrame, precisions: Sequence[str], ylabel: str, defenses: Sequence[str]) -> None:
+    """One line per defense: the share of the models in ``g`` it flags, per precision; a defense keeps its colour,
+    marker and offset (its place in ``defenses``) in every panel."""
+    pos = {p: i for i, p in enumerate(precisions)}
+    for i, defense in enumerate(defenses):
+        d = g[g.defense == defense]
+        if d.empty:
+            continue
+        # every model counts once: weight each (trigger, rate) cell by its number of models
+        rate = d.assign(w=d.detected_mean * d.models).groupby("precision").agg(w=("w", "sum"), n=("models", "sum"))
+        rate = rate.loc[[p for p in precisions if p in rate.index]]
+        # equal rates (0 % and 100 % are common) would hide lines behind each other: offset each by <= 3 points
+        shift = (i - (len(defenses) - 1) / 2) * min(1.5, 6.0 / max(1, len(defenses)))
+        ax.plot([pos[p] for p in rate.index], rate.w / rate.n + shift, marker=MARKERS[i % len(MARKERS)],
+                ls="-" if i < 10 else "--", color=f"C{i % 10}", label=defense)
+    ax.set_xticks(range(len(precisions)), precisions)
+    ax.set_ylim(-6, 106)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.4)
+
+
 def blindspot_figure(summary_csvs: Sequence[str], out_png: str) -> None:
-    """Detection rate over attacked models per precision, one line per defense, one panel per dataset and model."""
+    """Per precision, one line per defense: the share of attacked models it detects (top row) and of clean models
+    it flags (bottom row, where clean models were analysed); one column per dataset and model."""
     plt = _plt()
     df = pd.concat([pd.read_csv(p) for p in summary_csvs], ignore_index=True)
-    df = df[df.trigger != "clean"]
-    panels = list(df.groupby(["dataset", "model"], sort=True))
-    fig, axes = plt.subplots(1, max(1, len(panels)), squeeze=False, figsize=(5.5 * max(1, len(panels)), 4),
+    attacked, clean = df[df.trigger != "clean"], df[df.trigger == "clean"]
+    panels = list(attacked.groupby(["dataset", "model"], sort=True))
+    rows = 2 if len(clean) else 1
+    fig, axes = plt.subplots(rows, max(1, len(panels)), squeeze=False, figsize=(5.5 * max(1, len(panels)), 4 * rows),
                              layout="constrained")
-    for ax, ((ds, model), g) in zip(axes[0], panels):
+    defenses = list(dict.fromkeys(df.defense))  # the summary's order (tables: DEFENSE_ORDER first)
+    for col, ((ds, model), g) in enumerate(panels):
         precisions = [p for p in PRECISION_ORDER if p in set(g.precision)]
-        pos = {p: i for i, p in enumerate(precisions)}
-        defenses = list(g.groupby("defense", sort=False))
-        for i, (defense, d) in enumerate(defenses):
-            # every attacked model counts once: weight each (trigger, rate) cell by its number of models
-            rate = d.assign(w=d.detected_mean * d.models).groupby("precision").agg(w=("w", "sum"), n=("models", "sum"))
-            rate = rate.loc[[p for p in precisions if p in rate.index]]
-            # equal rates (0 % and 100 % are common) would hide lines behind each other: offset each by <= 3 points
-            shift = (i - (len(defenses) - 1) / 2) * min(1.5, 6.0 / max(1, len(defenses)))
-            ax.plot([pos[p] for p in rate.index], rate.w / rate.n + shift, marker=MARKERS[i % len(MARKERS)],
-                    ls="-" if i < 10 else "--", label=defense)
-        ax.set_xticks(range(len(precisions)), precisions)
-        ax.set_ylim(-6, 106)
-        ax.set_ylabel("attacked models detected (%)")
-        ax.set_title(f"{ds} · {model} (lines offset ≤ 3 points to stay visible)", fontsize=10)
-        ax.grid(alpha=0.4)
+        _rate_lines(axes[0, col], g, precisions, "attacked models detected (%)", defenses)
+        axes[0, col].set_title(f"{ds} · {model} (lines offset ≤ 3 points to stay visible)", fontsize=10)
+        if rows == 2:
+            c = clean[(clean.dataset == ds) & (clean.model == model)]
+            _rate_lines(axes[1, col], c, precisions, "clean models flagged (%)", defenses)
+            axes[1, col].set_title(f"{ds} · {model}: false positives", fontsize=10)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=9)
