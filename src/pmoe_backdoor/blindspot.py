@@ -140,8 +140,7 @@ def blindspot_table(defense_paths: Sequence[str], deployed_paths: Sequence[str],
              f"the defense flags (Fine-Pruning: ASR after it below {fp_asr_level:g} %), for clean models the false "
              "positives; Target label flagged %: share of attacked models whose flagged labels include the attack's "
              "target (label-level defenses); mean ± std over seeds; ASR and BA of the undefended model at that "
-             "precision; the paper's "
-             f"claim for {paper_name} (INT8 = dynamic quantization) and whether ours agrees")
+             f"precision; the paper's claim for {paper_name} (INT8 = dynamic quantization) and whether ours agrees")
     write_table(header, body, title, out_md, out_tex, out_html)
     return summary
 
