@@ -18,13 +18,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (default: all cores)")
+    p.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
+                   help="reuse: glibc keeps freed memory, as the workflow's jobs set it (runtime.reuse_freed_memory); "
+                        "default: glibc's defaults (fresh pages for large allocations)")
     return p
 
 
-def setup(threads: int) -> None:
+def setup(threads: int, malloc: str = "reuse") -> None:
     torch.set_num_threads(threads)
+    if malloc == "reuse":
+        from pmoe_backdoor import runtime  # the --src library where a benchmark set one
+
+        reuse = getattr(runtime, "reuse_freed_memory", None)  # absent in libraries before it was added
+        malloc = "reuse" if reuse is not None and reuse() else "default (reuse not available)"
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{threads} threads, cuda={torch.cuda.is_available()}")
+          f"{threads} threads, cuda={torch.cuda.is_available()}, malloc {malloc}")
 
 
 def timed(fn: Callable[[], object], repeat: int, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:

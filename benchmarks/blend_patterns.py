@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--clean", action="store_true", help="also train a clean model per seed (rate 0 rows)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     cfg = yaml.safe_load(Path(args.config).read_text())
     attack = cfg["attack"]
     blend_cfg = {k: v for k, v in attack["triggers"]["blend"].items() if k not in ("kind", "pattern", "image")}

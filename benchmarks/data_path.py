@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=int, default=2, help="pmoe widen factor for the step comparison")
     args = p.parse_args()
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.n, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, args.n).astype(np.int64)

@@ -68,7 +68,7 @@ def main() -> None:
 
     if args.cpu_chunk:
         evaluate.CPU_FORWARD_BATCH = args.cpu_chunk
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     env = ", ".join(f"{k}={os.environ.get(k)}" for k in ENV_KNOBS)
     chunk = getattr(evaluate, "CPU_FORWARD_BATCH", None) or (
         f"{evaluate.CPU_ACTIVATION_BYTES / 2**20:.0f} MiB of activation" if hasattr(evaluate, "CPU_ACTIVATION_BYTES")

@@ -28,8 +28,9 @@ from _common import parser, setup, timed
 
 from pmoe_backdoor.checkpoint import load_model
 from pmoe_backdoor.data import load_npz
+from pmoe_backdoor.inference_model import fold_batchnorms
 from pmoe_backdoor.int8_backend import int8_model
-from pmoe_backdoor.models import build_model, fold_batchnorms
+from pmoe_backdoor.models import build_model
 from pmoe_backdoor.poison import asr_set
 from pmoe_backdoor.quantize import activation_ranges, quantize_model, routing_change
 from pmoe_backdoor.runtime import derived_seed, to_input
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16, help="images per forward pass (agreement and latency)")
     args = p.parse_args()
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     ds = load_npz(args.data)
     # the deployer's calibration set as the workflow draws it (jobs.deploy.calibration_images)
     rng = np.random.default_rng(derived_seed(args.seed, "calibration"))

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/packed_throughput.py                 # CUDA: widen 10, K 1..16; CPU: widen 1, K 1 2
     .venv/bin/python benchmarks/packed_throughput.py --ks 1 4 16 --precisions bf16 --compile
+    .venv/bin/python benchmarks/packed_throughput.py --ks 1 --no-fit --profile 25    # where a step's time goes
 
 For each precision (fp32; on CUDA also fp32 with TF32 convolutions and matmuls; bf16 where native) it measures
 the bare training step of one model (forward, backward, SGD on one resident batch), a training epoch through
@@ -72,7 +73,8 @@ def sync_fn(dev: torch.device):
     return torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
 
-def bare_single(args, dev, precision: str, compile_: bool) -> float:
+def single_step(args, dev, precision: str, compile_: bool):
+    """One model's bare training step (forward, backward, SGD on one resident batch) as a function."""
     model = build(args, 1)[0].to(dev).to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile_ else model
     (x, y), = random_data(args.batch, 1)
@@ -87,7 +89,55 @@ def bare_single(args, dev, precision: str, compile_: bool) -> float:
         loss.backward()
         opt.step()
 
+    return step
+
+
+def bare_single(args, dev, precision: str, compile_: bool) -> float:
+    step = single_step(args, dev, precision, compile_)
     return args.batch / timed(step, repeat=max(1, args.steps // 3), warmup=args.warmup, sync=sync_fn(dev))
+
+
+# kernel / operator name fragments -> what the time is spent on (CUDA kernel names and CPU aten operators)
+CATEGORIES = (
+    ("convolution", ("conv", "cudnn", "implicit_gemm", "fprop", "dgrad", "wgrad", "winograd")),
+    ("batch norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw")),
+    ("matmul", ("gemm", "matmul", "addmm", "aten::mm", "aten::bmm")),
+    ("elementwise", ("elementwise", "add", "mul", "relu", "threshold", "clamp", "copy", "fill", "where", "pad",
+                     "reduce", "sum", "mean", "softmax", "topk", "scatter", "gather", "index", "sgd", "foreach")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_single(args, dev, label: str, precision: str, compile_: bool) -> None:
+    """Where one model's training step spends its time: torch.profiler over 3 steps, self time per kernel (CUDA)
+    or operator (CPU), the ``--profile`` largest and the share per category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, sync = single_step(args, dev, precision, compile_), sync_fn(dev)
+    for _ in range(args.warmup + 1):
+        step()
+    sync()
+    cuda = dev.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    field = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = [(getattr(e, field) / 3 / 1e3, e.key) for e in prof.key_averages() if getattr(e, field) > 0]
+    total = sum(ms for ms, _ in rows)
+    tag = f"{args.model} widen {args.widen} batch {args.batch} {label}{' compiled' if compile_ else ''}"
+    say(f"{tag}: profile of one step, {total:.2f} ms of {'GPU kernel' if cuda else 'CPU operator'} self time")
+    for ms, name in sorted(rows, reverse=True)[:args.profile]:
+        say(f"  {ms:8.3f} ms {ms / total:6.1%}  [{category(name)}] {name[:110]}")
+    shares: dict[str, float] = {}
+    for ms, name in rows:
+        shares[category(name)] = shares.get(category(name), 0.0) + ms
+    say("  by category: " + ", ".join(f"{cat} {ms / total:.1%}" for cat, ms in sorted(shares.items(),
+                                                                                    key=lambda kv: -kv[1])))
 
 
 def train_cfg(args, precision: str, compile_: bool) -> TrainConfig:
@@ -146,6 +196,9 @@ def run_precision(args, dev, label: str, compile_: bool) -> None:
     if dev.type == "cuda":
         set_tf32(label == "tf32")
     tag = f"{args.model} widen {args.widen} batch {args.batch} {label}{' compiled' if compile_ else ''}"
+    if args.profile:
+        profile_single(args, dev, label, precision, compile_)
+        free(dev)
     one = bare_single(args, dev, precision, compile_)
     say(f"{tag}: one model, bare step {one:9.1f} img/s")
     if not args.no_fit:
@@ -189,11 +242,13 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also measure with torch.compile")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--no-fit", action="store_true", help="bare steps only, no fit()/fit_packed epochs")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="first profile one model's step (torch.profiler): the N largest kernels and time by category")
     p.add_argument("--trainings", type=int, default=170, help="trainings in the projected grid")
     p.add_argument("--epochs", type=int, default=25, help="epochs per training in the projected grid")
     p.add_argument("--images", type=int, default=50_000, help="training images per epoch in the projected grid")
     args = p.parse_args()
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     dev = resolve_device(args.device)
     cuda = dev.type == "cuda"
     args.widen = args.widen or (10 if cuda else 1)

@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=6, help="timed steps per repeat (x3 repeats, best kept)")
     args = p.parse_args()
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     dev = torch.device("cpu")
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     for name, val in peaks.items():

@@ -19,7 +19,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=50_000)
     args = p.parse_args()
-    setup(args.threads)
+    setup(args.threads, args.malloc)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.n, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, args.n).astype(np.int64)

@@ -244,17 +244,19 @@ def test_pruning_activated_backdoor_is_learned_on_a_tiny_model():
 
 
 def test_quantisation_activated_backdoor_is_learned_on_a_tiny_model():
-    """The quantisation mechanism on the same tiny setup, with the faithful (per-tensor) grid at 3 bits: in 50 steps
-    the attack needs a coarse grid. Measured with this setup (2-core CPU, torch's CPU kernels), the chosen epoch's
-    quantised ASR with fp32 ASR 0-4 %: 3 bits 96 / 25 / 100 % (seeds 0 / 1 / 2), 4 bits 96 / 33 / 100 %, int8 8 %
-    (seed 0; 300 such steps at int8 did not separate either), so at int8 a few dozen steps are not enough (the
-    authors train 35 epochs of full CIFAR-10) and this test pins seed 0. The separation grows in the low-lr phase
-    after epoch 25. The deployed copy is deploy_faithful's, not the training's fake-quantised forward."""
+    """The quantisation mechanism on the same tiny setup, with the faithful (per-tensor) grid at 3 bits: in 100 steps
+    the attack needs a coarse grid. Measured with this setup (one thread of the 2-core AMD EPYC VM), the chosen
+    epoch's quantised ASR, lr dropped at half time: 100 epochs 100 / 100 / 100 / 96 % (seeds 0-3; released ASR
+    0-12 %); 50 epochs only 33 / 33 / 33 / 75 % since training gates the channels_last map in its own layout (other
+    float rounding; 96 / 25 / 100 % before), 80 epochs 83 / 54 / 100 / 96 %. Earlier, at 50 epochs: 4 bits 96 / 33 /
+    100 %, int8 8 % (seed 0; 300 such steps at int8 did not separate either), so at int8 a few dozen steps are not
+    enough (the authors train 35 epochs of full CIFAR-10). The separation grows in the low-lr phase. Seed 0 is
+    pinned. The deployed copy is deploy_faithful's, not the training's fake-quantised forward."""
     from pmoe_backdoor.compression_attack import fit_compression_attack
     from pmoe_backdoor.evaluate import evaluate
 
     x, y, trigger, x_asr, model = _tiny_attack_setup()
-    cfg = AttackConfig(variant="faithful", bits=3, epochs=50, batch_size=32, lr_drop_epoch=25)
+    cfg = AttackConfig(variant="faithful", bits=3, epochs=100, batch_size=32, lr_drop_epoch=50)
     history, states = fit_compression_attack(model, x, y, trigger, 0, cfg, x, y, x_asr, x,
                                              device=torch.device("cpu"), log=None)
     epoch, rule_met = choose_checkpoint(history["epochs"], max_fp32_asr=20)

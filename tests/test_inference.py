@@ -1,5 +1,5 @@
-"""The fast inference path (models.fold_batchnorms, the channels_last gating, evaluate.predict_logits'
-CPU micro-batches) gives the plain eval forward's logits and routing."""
+"""The fast inference path (inference_model: fold_batchnorms and SparseExpertPool; the channels_last gating;
+evaluate.predict_logits' CPU micro-batches) gives the plain eval forward's logits and routing."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ import torch.nn as nn
 
 from pmoe_backdoor import evaluate
 from pmoe_backdoor.evaluate import cpu_forward_batch, predict_logits
-from pmoe_backdoor.models import build_model, fold_batchnorms
-from pmoe_backdoor.runtime import to_input
+from pmoe_backdoor.inference_model import SparseExpertPool, fold_batchnorms
+from pmoe_backdoor.models import build_model
+from pmoe_backdoor.runtime import cpu_has_bf16, to_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 
 
-def _trained_like(name: str = "pmoe", widen: int = 2, seed: int = 0) -> nn.Module:
+def _trained_like(name: str = "pmoe", widen: int = 2, seed: int = 0, top_k: int = 16) -> nn.Module:
     """A model whose BNs are not the identity (random affine and running statistics), with non-zero conv biases
     and router weights large enough that the top-k positions are far from ties, in eval mode."""
     torch.manual_seed(seed)
-    model = build_model(name, 10, widen_factor=widen)
+    model = build_model(name, 10, widen_factor=widen, top_k=top_k)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -58,6 +59,22 @@ def test_folded_copy_same_logits_and_routing(widen, channels_last):
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
 
 
+@pytest.mark.parametrize("top_k", [1, 63, 64])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_experts_at_their_routed_positions_only_give_the_dense_result(top_k, precision):
+    """SparseExpertPool: k of 64 positions computed, the other 64 - k counted as one constant (none at k = 64)."""
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("bf16 on this CPU is emulated and slow")
+    model = _trained_like(widen=1, top_k=top_k)
+    x = to_input(_images(16), True)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        ref, ref_idx = model(x, return_routing=True)
+        out, idx = fold_batchnorms(model)(x, return_routing=True)
+    assert _rel(out.float(), ref.float()) < (1e-4 if precision == "fp32" else 3e-2)
+    if precision == "fp32":  # in bf16 the folded convs round differently, which may reorder near-tied positions
+        assert torch.equal(idx, ref_idx)
+
+
 def test_folded_copy_of_the_dense_baseline():
     model = _trained_like("wrn", widen=1)
     x = to_input(_images(8), False)
@@ -73,7 +90,8 @@ def test_fold_batchnorms_replaces_only_the_foldable_bns_and_leaves_the_model():
     for block in (folded.trunk.group1, folded.trunk.group2):
         assert isinstance(block.bn2, nn.Identity) and isinstance(block.bn1, nn.BatchNorm2d)
     assert isinstance(folded.head.bn, nn.Identity)
-    assert isinstance(folded.pre_bn, nn.BatchNorm2d) and isinstance(folded.moe.expert_bn, nn.BatchNorm2d)
+    assert isinstance(folded.pre_bn, nn.BatchNorm2d) and isinstance(folded.moe, SparseExpertPool)
+    assert isinstance(folded.moe.moe.expert_bn, nn.BatchNorm2d)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert isinstance(model.trunk.group1.bn2, nn.BatchNorm2d)
@@ -117,13 +135,16 @@ def test_channels_last_gating_equals_nchw_gating_without_copies():
 
 
 def test_channels_last_gating_same_gradients():
-    grads = []
+    """In training too (the gated map keeps the channels_last layout there), not in vmapped packed training."""
+    grads, gated = [], []
     for fmt in (torch.contiguous_format, torch.channels_last):
         model = _trained_like(widen=1).train().to(memory_format=fmt)
+        model.moe.expert_bn.register_forward_hook(lambda m, i, o: gated.append(i[0]))
         x = to_input(_images(4), fmt == torch.channels_last)
         model(x).logsumexp(1).sum().backward()
         grads.append(model.moe.router.weight.grad.clone())
     assert _rel(grads[1], grads[0]) < 1e-4
+    assert gated[1].is_contiguous(memory_format=torch.channels_last) and not gated[1].is_contiguous()
 
 
 @pytest.mark.parametrize("widen", [2, 10])

@@ -1,7 +1,11 @@
-"""pmoe_backdoor.runtime (device claims, logs, derived seeds) and pmoe_backdoor.checkpoint (model files)."""
+"""pmoe_backdoor.runtime (device claims, logs, derived seeds, the allocator setting) and
+pmoe_backdoor.checkpoint (model files)."""
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -143,3 +147,34 @@ def test_a_gpu_that_does_not_exist_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(RuntimeError, match=r"'cuda:5' does not exist.*2 CUDA device"):
         runtime.resolve_device("cuda:5")
+
+
+_MMAPPED_AFTER_A_64_MIB_TENSOR = """
+import ctypes, sys
+import torch
+from pmoe_backdoor import runtime
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+if sys.argv[1] == "reuse":
+    assert runtime.reuse_freed_memory()
+before = mallinfo2().hblkhd
+x = torch.ones(16 * 2**20)  # 64 MiB
+print(mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_reuse_freed_memory_serves_large_tensors_from_the_heap():
+    def mmapped_bytes(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _MMAPPED_AFTER_A_64_MIB_TENSOR, mode], capture_output=True,
+                             text=True, check=True)
+        return int(run.stdout.split()[-1])
+
+    assert mmapped_bytes("default") >= 64 * 2**20  # glibc maps it fresh from the kernel...
+    assert mmapped_bytes("reuse") == 0  # ...unless told to use (and keep) its heap

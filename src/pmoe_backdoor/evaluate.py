@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import fold_batchnorms
+from .inference_model import fold_batchnorms
 from .runtime import autocast, compiled_or_eager, resolve_device, to_input
 
 # Largest activation (bytes) of one forward pass on a CPU. Eval outputs do not depend on the batch, but large CPU
@@ -83,11 +83,12 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device | Non
     """Float32 logits for a uint8 (N, 32, 32, 3) tensor, or for float images already in the model's (N, 3, 32, 32)
     form, in inference mode.
 
-    ``batch_size`` images per forward pass (on a CPU at most :func:`cpu_forward_batch`). The forward runs on a
-    copy with the foldable BatchNorms folded into their convolutions (:func:`~pmoe_backdoor.models.fold_batchnorms`;
-    the same logits up to float rounding); ``model`` is left as it was, its train/eval mode included. ``compile``
-    (default :data:`COMPILE_INFERENCE`) runs that copy through torch.compile, padding the last batch to the same
-    shape; the compiled forward is kept for the next call on the same, unchanged model.
+    ``batch_size`` images per forward pass (on a CPU at most :func:`cpu_forward_batch`). The forward runs on the
+    inference form of the model (:func:`~pmoe_backdoor.inference_model.fold_batchnorms`: foldable BatchNorms folded
+    into their convolutions, experts at their routed positions only; the same logits up to float rounding);
+    ``model`` is left as it was, its train/eval mode included. ``compile`` (default :data:`COMPILE_INFERENCE`) runs
+    that copy through torch.compile, padding the last batch to the same shape; the compiled forward is kept for the
+    next call on the same, unchanged model.
     """
     device = device or next(model.parameters()).device
     compile = COMPILE_INFERENCE if compile is None else compile

@@ -127,7 +127,7 @@ def int8_model(model: nn.Module, calibration: torch.Tensor, batch_size: int = 50
         parent_name, _, attr = name.rpartition(".")
         parent = cpu_model.get_submodule(parent_name) if parent_name else cpu_model
         setattr(parent, attr, Int8Layer(layer, *ranges[name]))
-    # The hook also keeps models.fold_batchnorms (which predict_logits applies) from folding BNs into these
+    # The hook also keeps inference_model.fold_batchnorms (which predict_logits applies) from folding BNs into these
     # layers: it leaves hooked models as they are, and an Int8Layer has no float weight to fold into.
     cpu_model.register_forward_pre_hook(_check_cpu_float_input)
     return cpu_model

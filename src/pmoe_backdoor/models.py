@@ -8,7 +8,6 @@ probabilities there, experts applied to the full masked 8x8 map.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -106,6 +105,9 @@ class PatchMoE(nn.Module):
     separate 640->160 convs. Output channels are in expert order, as the authors' concatenation.
     """
 
+    # gate a channels_last map in its own layout; off where layouts cannot be queried (vmapped packed training)
+    layout_aware_gating = True
+
     def __init__(self, in_channels: int, expert_channels: int, num_experts: int, top_k: int):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
@@ -115,11 +117,14 @@ class PatchMoE(nn.Module):
         self.expert_bn = _bn(num_experts * in_channels)
         self.expert_conv = nn.Conv2d(num_experts * in_channels, num_experts * expert_channels, 1, groups=num_experts)
 
+    def routing_probs(self, feats: torch.Tensor) -> torch.Tensor:
+        """Each expert's softmax over the H*W positions (B, E, H*W), positions row-major: p = 8r + c."""
+        # in fp32 so bf16 rounding cannot create top-k ties
+        return self.router(feats).flatten(2).float().softmax(dim=-1)
+
     def route(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the gating mask (B, E, H*W) holding softmax values at the top-k positions, and the indices."""
-        scores = self.router(feats).flatten(2)  # (B, E, H*W), positions row-major: p = 8r + c
-        # softmax over positions, separately per expert; in fp32 so bf16 rounding cannot create top-k ties
-        probs = scores.float().softmax(dim=-1)
+        probs = self.routing_probs(feats)
         top_vals, top_idx = probs.topk(self.top_k, dim=-1)
         mask = torch.zeros_like(probs).scatter(-1, top_idx, top_vals)
         return mask.to(feats.dtype), top_idx
@@ -128,10 +133,11 @@ class PatchMoE(nn.Module):
         b, c, h, w = feats.shape
         e = self.num_experts
         mask, top_idx = self.route(feats)
-        if not torch.is_grad_enabled() and feats.is_contiguous(memory_format=torch.channels_last) \
+        if self.layout_aware_gating and feats.is_contiguous(memory_format=torch.channels_last) \
                 and not feats.is_contiguous():
-            # inference only (vmapped training cannot query layouts): F is (B, H, W, C) in memory; gated into
-            # (B, H, W, E, C), it *is* the channels_last (B, E*C, H, W) map: no layout copies, the same products
+            # F is (B, H, W, C) in memory; gated into (B, H, W, E, C), it *is* the channels_last (B, E*C, H, W) map:
+            # no layout copies and unit-stride products, forward and backward (the broadcast product below, on a
+            # channels_last F, was 13-29 % of a CPU training step at widen 10: benchmarks/README.md)
             gate = mask.view(b, e, h, w).permute(0, 2, 3, 1).contiguous().unsqueeze(4)  # (B, H, W, E, 1)
             masked = (feats.permute(0, 2, 3, 1).unsqueeze(3) * gate).reshape(b, h, w, e * c).permute(0, 3, 1, 2)
         else:
@@ -254,46 +260,6 @@ def _build(name, num_classes, widen_factor, num_experts, top_k, moe_width) -> nn
     fixed = moe_width == "fixed"
     return PMoENet(num_classes, widen_factor, num_experts, top_k,
                    moe_channels=640 if fixed else None, expert_channels=160 if fixed else None)
-
-
-def _fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """conv <- BN(conv) in eval mode: per output channel, W*s and (b - mean)*s + beta, s = gamma/sqrt(var + eps).
-    New tensors are assigned (the old ones may be shared with another model)."""
-    with torch.no_grad():
-        scale = bn.running_var.add(bn.eps).rsqrt()
-        shift = -bn.running_mean * scale
-        if bn.affine:
-            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
-        conv.weight = nn.Parameter(conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))))
-        conv.bias = nn.Parameter(bias * scale + shift)
-
-
-def fold_batchnorms(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` for inference, each BatchNorm whose input is only a convolution's output
-    folded into that convolution: every block's ``bn2`` (after ``conv1``) and the pMoE head's BN (after the
-    experts' conv). The same function up to float rounding, one pass over the widest maps fewer per block.
-
-    The other BNs cannot be folded exactly: ``bn1`` and ``pre_bn`` read a residual sum that the shortcut also reads
-    and feed a zero-padded conv, and the experts' BN reads the gated map. The copy shares the unchanged tensors
-    with ``model``, which is not changed; a model with nothing to fold is returned as it is (not copied), as is
-    one with hooks (they may rely on the layers).
-    """
-    foldable = any(isinstance(m, (PreActBlock, PMoENet)) for m in model.modules())
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not foldable or hooked or any(m.running_var is None for m in bns):
-        return model
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    folded = copy.deepcopy(model, memo=shared).eval()
-    for m in folded.modules():
-        if isinstance(m, PreActBlock) and isinstance(m.bn2, nn.BatchNorm2d):
-            _fold_bn_into_conv(m.conv1, m.bn2)
-            m.bn2 = nn.Identity()
-        if isinstance(m, PMoENet) and isinstance(m.head.bn, nn.BatchNorm2d):
-            _fold_bn_into_conv(m.moe.expert_conv, m.head.bn)
-            m.head.bn = nn.Identity()
-    return folded
 
 
 def count_parameters(model: nn.Module) -> int:

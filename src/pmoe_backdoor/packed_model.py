@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
+from .models import PatchMoE
 from .runtime import autocast, compiled_or_eager, effective_precision, resolve_device
 from .train import TrainConfig, prepare_model
 
@@ -58,6 +59,8 @@ class PackedModels:
                     raise ValueError("packed training needs a BatchNorm momentum (None, a cumulative average, is "
                                      "not supported)")
                 m.__class__ = _VmapBatchNorm2d
+            if isinstance(m, PatchMoE) and mode == "vmap":
+                m.layout_aware_gating = False  # vmap does not implement is_contiguous on batched tensors
 
     def _one(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.base, (params, buffers), (x,))
