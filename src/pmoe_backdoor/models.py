@@ -136,8 +136,8 @@ class PatchMoE(nn.Module):
         if self.layout_aware_gating and feats.is_contiguous(memory_format=torch.channels_last) \
                 and not feats.is_contiguous():
             # F is (B, H, W, C) in memory; gated into (B, H, W, E, C), it *is* the channels_last (B, E*C, H, W) map:
-            # no layout copies and unit-stride products, forward and backward (the broadcast product below, on a
-            # channels_last F, was 13-29 % of a CPU training step at widen 10: benchmarks/README.md)
+            # no layout copies and unit-stride products, forward and backward (the broadcast product below needs
+            # copies of the gated map: 8 % of a profiled widen-10 CPU training step; benchmarks/README.md)
             gate = mask.view(b, e, h, w).permute(0, 2, 3, 1).contiguous().unsqueeze(4)  # (B, H, W, E, 1)
             masked = (feats.permute(0, 2, 3, 1).unsqueeze(3) * gate).reshape(b, h, w, e * c).permute(0, 3, 1, 2)
         else:
