@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,8 @@ mallinfo2 = ctypes.CDLL(None).mallinfo2
 mallinfo2.restype = MallInfo2
 if sys.argv[1] == "reuse":
     assert runtime.reuse_freed_memory()
+elif sys.argv[1] == "job":
+    import pmoe_backdoor.jobs  # noqa: F401  (what every compute job's script imports)
 before = mallinfo2().hblkhd
 x = torch.ones(16 * 2**20)  # 64 MiB
 print(mallinfo2().hblkhd - before)
@@ -178,3 +181,13 @@ def test_reuse_freed_memory_serves_large_tensors_from_the_heap():
 
     assert mmapped_bytes("default") >= 64 * 2**20  # glibc maps it fresh from the kernel...
     assert mmapped_bytes("reuse") == 0  # ...unless told to use (and keep) its heap
+    assert mmapped_bytes("job") == 0  # as a job's process is
+
+
+def test_every_threaded_job_script_imports_the_job_layer():
+    """The job layer sets the allocator on import (scripts stay unchanged: Snakemake reruns jobs whose script
+    changed), so every script that runs a compute job must import it."""
+    scripts = sorted(Path(__file__).parents[1].glob("workflow/scripts/*/*.py"))
+    threaded = [p for p in scripts if "set_threads(snakemake.threads)" in p.read_text()]
+    assert len(threaded) >= 10
+    assert [p.name for p in threaded if "from pmoe_backdoor.jobs" not in p.read_text()] == []

@@ -99,7 +99,7 @@ def reuse_freed_memory() -> bool:
     of 84 MB at batch 128) then spends a third of its time in page faults zeroing new memory every step. Measured
     on a 2-core AMD EPYC VM (benchmarks/README.md, "At TensorFlow's speed"): whole widen-10 fp32 epochs 1.46x,
     widen 2 1.15x, at a higher resident peak (the largest step's working set stays reserved). Returns False where
-    the C library is not glibc (nothing changed). Process-wide, so jobs call it (:func:`configure_job`), not import.
+    the C library is not glibc (nothing changed). Process-wide: the job layer (:mod:`pmoe_backdoor.jobs`) calls it.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -107,12 +107,6 @@ def reuse_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def configure_job(threads: int | None) -> None:
-    """A compute job's process settings: the intra-op threads Snakemake gave it and :func:`reuse_freed_memory`."""
-    set_threads(threads)
-    reuse_freed_memory()
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
 from pmoe_backdoor.jobs.blindspot import spectral_signatures_job
 from pmoe_backdoor.jobs.common import RunId
-from pmoe_backdoor.runtime import claim_device, log_to, configure_job
+from pmoe_backdoor.runtime import claim_device, log_to, set_threads
 
 with log_to(snakemake.log[0]):
-    configure_job(snakemake.threads)
+    set_threads(snakemake.threads)
     w, p = snakemake.wildcards, snakemake.params
     with claim_device(p.device, jobs_per_gpu=p.jobs_per_gpu) as device:
         spectral_signatures_job(snakemake.input.data, snakemake.input.weights, snakemake.input.poison, w.precision,

@@ -1,9 +1,9 @@
 from pmoe_backdoor.jobs.common import RunId
 from pmoe_backdoor.jobs.evaluate import evaluate_job
-from pmoe_backdoor.runtime import log_to, configure_job
+from pmoe_backdoor.runtime import log_to, set_threads
 
 with log_to(snakemake.log[0]):
-    configure_job(snakemake.threads)
+    set_threads(snakemake.threads)
     w = snakemake.wildcards
     evaluate_job(snakemake.input.data, snakemake.input.weights, snakemake.output[0],
                  trigger_path=snakemake.input.trigger or None, target=snakemake.params.target,

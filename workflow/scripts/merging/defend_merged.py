@@ -1,8 +1,8 @@
 from pmoe_backdoor.jobs.merging import defend_merged_job
-from pmoe_backdoor.runtime import claim_device, log_to, configure_job
+from pmoe_backdoor.runtime import claim_device, log_to, set_threads
 
 with log_to(snakemake.log[0]):
-    configure_job(snakemake.threads)
+    set_threads(snakemake.threads)
     w, p, i = snakemake.wildcards, snakemake.params, snakemake.input
     identity = {"dataset": w.dataset, "model": w.model, "set": w.set, "seed": int(w.seed), "coupling": w.coupling}
     with claim_device(p.device, jobs_per_gpu=p.jobs_per_gpu) as device:

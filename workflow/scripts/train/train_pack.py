@@ -1,8 +1,8 @@
 from pmoe_backdoor.jobs.train import pack_run_files, train_pack_job
-from pmoe_backdoor.runtime import claim_device, log_to, configure_job
+from pmoe_backdoor.runtime import claim_device, log_to, set_threads
 
 with log_to(snakemake.log[0]):
-    configure_job(snakemake.threads)
+    set_threads(snakemake.threads)
     p = snakemake.params
     seeds = [int(s) for s in p.seeds]
     weights, histories = zip(*(pack_run_files(snakemake.output[0], s) for s in seeds))
