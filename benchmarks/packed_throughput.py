@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import io
 import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +113,7 @@ def category(name: str) -> str:
     return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
 
 
-def profile_single(args, dev, label: str, precision: str, compile_: bool) -> None:
+def profile_single(args, dev, tag: str, precision: str, compile_: bool) -> None:
     """Where one model's training step spends its time: torch.profiler over 3 steps, self time per kernel (CUDA)
     or operator (CPU), the ``--profile`` largest and the share per category."""
     from torch.profiler import ProfilerActivity, profile
@@ -129,15 +130,13 @@ def profile_single(args, dev, label: str, precision: str, compile_: bool) -> Non
     field = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = [(getattr(e, field) / 3 / 1e3, e.key) for e in prof.key_averages() if getattr(e, field) > 0]
     total = sum(ms for ms, _ in rows)
-    tag = f"{args.model} widen {args.widen} batch {args.batch} {label}{' compiled' if compile_ else ''}"
     say(f"{tag}: profile of one step, {total:.2f} ms of {'GPU kernel' if cuda else 'CPU operator'} self time")
     for ms, name in sorted(rows, reverse=True)[:args.profile]:
         say(f"  {ms:8.3f} ms {ms / total:6.1%}  [{category(name)}] {name[:110]}")
-    shares: dict[str, float] = {}
+    shares = Counter()
     for ms, name in rows:
-        shares[category(name)] = shares.get(category(name), 0.0) + ms
-    say("  by category: " + ", ".join(f"{cat} {ms / total:.1%}" for cat, ms in sorted(shares.items(),
-                                                                                    key=lambda kv: -kv[1])))
+        shares[category(name)] += ms
+    say("  by category: " + ", ".join(f"{cat} {ms / total:.1%}" for cat, ms in shares.most_common()))
 
 
 def train_cfg(args, precision: str, compile_: bool) -> TrainConfig:
@@ -197,7 +196,7 @@ def run_precision(args, dev, label: str, compile_: bool) -> None:
         set_tf32(label == "tf32")
     tag = f"{args.model} widen {args.widen} batch {args.batch} {label}{' compiled' if compile_ else ''}"
     if args.profile:
-        profile_single(args, dev, label, precision, compile_)
+        profile_single(args, dev, tag, precision, compile_)
         free(dev)
     one = bare_single(args, dev, precision, compile_)
     say(f"{tag}: one model, bare step {one:9.1f} img/s")
