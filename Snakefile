@@ -24,11 +24,13 @@ if not workflow.config_settings.configfiles:
     configfile: f"{workflow.basedir}/config/config.yaml"
 
 
-from pmoe_backdoor.config_check import validate_config  # noqa: E402  (needs SRC on sys.path)
+from pmoe_backdoor.config_check import check_study, validate_config  # noqa: E402  (needs SRC on sys.path)
 
-# snakemake's validate (which fills in the schema's defaults), but a violation is one line naming the key
+# snakemake's validate (which fills in the schema's defaults), but a violation is one line naming the key; then
+# the cross-field checks, before the rules are read
 if not workflow.modifier.skip_validation:
     validate_config(config, f"{workflow.basedir}/config/schema.yaml")
+check_study(config)
 
 
 report: "reports/workflow.rst"
@@ -50,5 +52,5 @@ include: "rules/blindspot.smk"
 
 rule all:
     input:
-        all_targets(),
+        plan.all_targets(),
     default_target: True

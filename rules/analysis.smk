@@ -5,10 +5,7 @@ rule trigger_examples:
     """Figure 2: test images of several classes with each trigger applied."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
-        triggers=expand(
-            f"{RESULTS}/{{{{dataset}}}}/triggers/{{trigger}}/seed{config['analysis']['seed']}.safetensors",
-            trigger=TRIGGERS,
-        ),
+        triggers=lambda wc: plan.analysis_trigger_files(wc.dataset),
     output:
         report(
             f"{RESULTS}/figures/trigger_examples_{{dataset}}.png",
@@ -17,7 +14,7 @@ rule trigger_examples:
             subcategory="{dataset}",
         ),
     params:
-        classes=lambda wc: analysis_classes(wc.dataset),
+        classes=lambda wc: plan.analysis_classes(wc.dataset),
         names=TRIGGERS,
     log:
         f"{RESULTS}/logs/trigger_examples/{{dataset}}.log",
@@ -32,7 +29,7 @@ rule routing_maps:
     (on its triggered image), and the patch-value distribution of what each expert receives."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
-        models=lambda wc: model_files(analysis_models(wc)),
+        models=lambda wc: plan.model_files(plan.analysis_models(wc)),
     output:
         json=f"{RESULTS}/analysis/{{dataset}}/{{model}}/routing_maps.json",
         maps=report(
@@ -48,9 +45,9 @@ rule routing_maps:
             subcategory="{dataset}",
         ),
     params:
-        models=analysis_models,
-        classes=lambda wc: analysis_classes(wc.dataset),
-        device=config["device"],
+        models=plan.analysis_models,
+        classes=lambda wc: plan.analysis_classes(wc.dataset),
+        device=DEVICE,
     log:
         f"{RESULTS}/logs/routing_maps/{{dataset}}/{{model}}.log",
     conda:
@@ -63,7 +60,7 @@ rule fineprune_routing_maps:
     """Figure 6: routing of the triggered image before and after Fine-Pruning."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
-        models=lambda wc: model_files(fineprune_models(wc)),
+        models=lambda wc: plan.model_files(plan.fineprune_models(wc)),
     output:
         json=f"{RESULTS}/analysis/{{dataset}}/{{model}}/fineprune_routing_maps.json",
         maps=report(
@@ -72,9 +69,9 @@ rule fineprune_routing_maps:
             category="Fine-Pruning",
         ),
     params:
-        models=fineprune_models,
-        classes=lambda wc: analysis_classes(wc.dataset),
-        device=config["device"],
+        models=plan.fineprune_models,
+        classes=lambda wc: plan.analysis_classes(wc.dataset),
+        device=DEVICE,
     log:
         f"{RESULTS}/logs/fineprune_routing_maps/{{dataset}}/{{model}}.log",
     conda:
@@ -88,16 +85,16 @@ rule routing_stats:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
-        triggers=lambda wc: list(routing_stats_triggers(wc).values()),
+        triggers=lambda wc: list(plan.routing_stats_triggers(wc).values()),
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/routing_stats.json",
     params:
-        triggers=routing_stats_triggers,
-        target=config["attack"]["target"],
-        device=config["device"],
+        triggers=plan.routing_stats_triggers,
+        target=TARGET,
+        device=DEVICE,
     log:
         f"{RESULTS}/logs/routing_stats/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -107,7 +104,7 @@ rule routing_stats:
 rule routing_table:
     """The routing statistics of one dataset as a table (mean ± std over seeds) and a figure."""
     input:
-        lambda wc: routing_stats_targets(wc.dataset),
+        lambda wc: plan.routing_stats_targets(wc.dataset),
     output:
         csv=f"{RESULTS}/tables/routing_{{dataset}}.csv",
         md=f"{RESULTS}/tables/routing_{{dataset}}.md",

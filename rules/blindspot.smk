@@ -8,22 +8,21 @@ rule strip:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
-        triggers=lambda wc: list(strip_triggers(wc).values()),
+        triggers=lambda wc: list(plan.strip_triggers(wc).values()),
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/strip/{{precision}}.json",
     params:
         strip=canonical(config["strip"]),
-        triggers=strip_triggers,
+        triggers=plan.strip_triggers,
         calibration=DEPLOY["calibration_images"],
-        target=config["attack"]["target"],
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        target=TARGET,
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/strip/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -36,20 +35,19 @@ rule activation_clustering:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
-        poison=poison_file,
+        poison=plan.poison_file,
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/activation_clustering/{{precision}}.json",
     params:
         config=canonical(config["activation_clustering"]),
         calibration=DEPLOY["calibration_images"],
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/activation_clustering/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -62,20 +60,19 @@ rule spectral_signatures:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
-        poison=poison_file,
+        poison=plan.poison_file,
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/spectral_signatures/{{precision}}.json",
     params:
         config=canonical(config["spectral_signatures"]),
         calibration=DEPLOY["calibration_images"],
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/spectral_signatures/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -86,9 +83,9 @@ rule blindspot_table:
     """The five defenses x precision x trigger x rate: detection rate over attacked models, false positives over
     clean ones, ASR and BA at that precision, beside Pandey & Ye's claims; the detection-rate figure."""
     input:
-        defenses=lambda wc: blindspot_inputs(wc.dataset)["defenses"],
-        deployed=lambda wc: blindspot_inputs(wc.dataset)["deployed"],
-        fine_pruned=lambda wc: blindspot_inputs(wc.dataset)["fine_pruned"],
+        defenses=lambda wc: plan.blindspot_inputs(wc.dataset)["defenses"],
+        deployed=lambda wc: plan.blindspot_inputs(wc.dataset)["deployed"],
+        fine_pruned=lambda wc: plan.blindspot_inputs(wc.dataset)["fine_pruned"],
     output:
         csv=f"{RESULTS}/tables/blindspot_{{dataset}}.csv",
         md=f"{RESULTS}/tables/blindspot_{{dataset}}.md",
@@ -106,9 +103,9 @@ rule blindspot_table:
             subcategory="{dataset}",
         ),
     params:
-        fp_asr_level=BLIND.get("fine_pruning_asr", 20),
-        precisions=BLIND.get("precisions", []),
-        paper_name=lambda wc: paper_names()[wc.dataset],
+        fp_asr_level=plan.blind["fine_pruning_asr"],
+        precisions=plan.blind.get("precisions", []),
+        paper_name=lambda wc: plan.paper_names()[wc.dataset],
     log:
         f"{RESULTS}/logs/blindspot_table/{{dataset}}.log",
     conda:

@@ -14,24 +14,22 @@ rule train_compression_attack:
         history=f"{RESULTS}/{{dataset}}/{{model}}/compression/{{attack}}/seed{{seed}}/history.json",
         trigger=f"{RESULTS}/{{dataset}}/{{model}}/compression/{{attack}}/seed{{seed}}/trigger.safetensors",
     params:
-        model=lambda wc: canonical(config["models"][wc.model]),
-        attack=compression_train_params,
-        trigger=canonical(COMPRESS.get("trigger", {})),
-        target=compression_target,
+        model=lambda wc: plan.model_spec(wc.model),
+        attack=plan.compression_train_params,
+        trigger=canonical(plan.compress.get("trigger", {})),
+        target=plan.compression_target,
         calibration=DEPLOY["calibration_images"],
-        max_fp32_asr=compression_max_fp32_asr,
-        ba_tolerance=COMPRESS.get("ba_tolerance"),
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        max_fp32_asr=plan.compression_max_fp32_asr,
+        ba_tolerance=plan.compress.get("ba_tolerance"),
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/train_compression_attack/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_compression_attack/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.tsv"
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
-        mem_mb=config["resources"]["train_mem_mb"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -49,20 +47,18 @@ rule evaluate_compression_attack:
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/compression/{{attack}}/seed{{seed}}/evaluation.json",
     params:
-        target=compression_target,
+        target=plan.compression_target,
         calibration=DEPLOY["calibration_images"],
-        fine_pruning=canonical(COMPRESS.get("fine_pruning", {})),
-        finetune=TRAIN,
+        fine_pruning=canonical(plan.compress.get("fine_pruning", {})),
+        finetune=plan.finetune_recipe(quiet=True),
         batch_size=config["evaluation"]["batch_size"],
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/evaluate_compression_attack/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
-        mem_mb=config["resources"]["train_mem_mb"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -77,13 +73,13 @@ use rule neural_cleanse as compression_neural_cleanse with:
         summary=f"{RESULTS}/{{dataset}}/{{model}}/compression/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.json",
         masks=f"{RESULTS}/{{dataset}}/{{model}}/compression/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.safetensors",
     params:
-        optimizer=canonical(NC.get("optimizer", {})),
-        classes=NC.get("classes"),
-        images=NC.get("images"),
+        optimizer=plan.nc_optimizer(),
+        classes=plan.nc.get("classes"),
+        images=plan.nc.get("images"),
         calibration=DEPLOY["calibration_images"],
-        target=compression_target,
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        target=plan.compression_target,
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/compression_neural_cleanse/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.log",
     benchmark:
@@ -93,9 +89,9 @@ use rule neural_cleanse as compression_neural_cleanse with:
 rule compression_attack_table:
     """The "compression-activated backdoors" table of one dataset."""
     input:
-        evaluations=lambda wc: compression_eval_targets(wc.dataset),
-        nc=lambda wc: compression_nc_targets(wc.dataset),
-        clean_nc=lambda wc: compression_clean_nc(wc.dataset),
+        evaluations=lambda wc: plan.compression_eval_targets(wc.dataset),
+        nc=lambda wc: plan.compression_nc_targets(wc.dataset),
+        clean_nc=lambda wc: plan.compression_clean_nc(wc.dataset),
     output:
         csv=f"{RESULTS}/tables/compression_{{dataset}}.csv",
         md=f"{RESULTS}/tables/compression_{{dataset}}.md",

@@ -1,14 +1,14 @@
-# A dataset in the canonical npz, from any source (helpers in common.smk: dataset_input, dataset_spec).
+# A dataset in the canonical npz, from any source (helpers in common.smk: plan.dataset_input, plan.dataset_spec).
 
 
 rule prepare_data:
     """Download (torchvision), read (npz, image folder) or generate (synthetic) a dataset into the canonical npz."""
     input:
-        data=lambda wc: dataset_input(wc.dataset),
+        data=lambda wc: plan.dataset_input(wc.dataset),
     output:
         f"{RESULTS}/data/{{dataset}}.npz",
     params:
-        spec=lambda wc: dataset_spec(wc.dataset),
+        spec=lambda wc: plan.dataset_spec(wc.dataset),
     log:
         f"{RESULTS}/logs/prepare_data/{{dataset}}.log",
     resources:

@@ -4,26 +4,24 @@ rule fine_prune:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
-        poison=poison_file,
-        trigger=trigger_file,
+        poison=plan.poison_file,
+        trigger=plan.trigger_file,
     output:
         metrics=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/metrics.json",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/weights.safetensors",
     params:
-        fine_pruning=canonical({k: FP[k] for k in FP_JOB_KEYS}),
-        train=TRAIN,
-        target=config["attack"]["target"],
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        fine_pruning=plan.fine_prune_params(),
+        train=plan.finetune_recipe(),
+        target=TARGET,
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/fine_prune/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{variant}}/{{prune}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/fine_prune/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{variant}}/{{prune}}.tsv"
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
-        mem_mb=config["resources"]["train_mem_mb"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -35,19 +33,19 @@ rule prune_sweep:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
-        poison=poison_file,
-        trigger=trigger_file,
+        poison=plan.poison_file,
+        trigger=plan.trigger_file,
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/prune_sweep.json",
     params:
-        rates=FP["sweep"],
-        activation_images=FP["activation_images"],
-        activation_data=FP["finetune_data"][0],
-        target=config["attack"]["target"],
-        device=config["device"],
+        rates=plan.fp.get("sweep"),
+        activation_images=plan.fp.get("activation_images"),
+        activation_data=plan.fp.get("finetune_data", [None])[0],
+        target=TARGET,
+        device=DEVICE,
     log:
         f"{RESULTS}/logs/prune_sweep/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
         runtime=30,
     conda:

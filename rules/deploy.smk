@@ -6,18 +6,18 @@ rule deploy_eval:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
-        trigger=trigger_file,
+        trigger=plan.trigger_file,
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/deployed.json",
     params:
         precisions=DEPLOY["precisions"],
         calibration=DEPLOY["calibration_images"],
-        target=config["attack"]["target"],
+        target=TARGET,
         batch_size=config["evaluation"]["batch_size"],
-        device=config["device"],
+        device=DEVICE,
     log:
         f"{RESULTS}/logs/deploy_eval/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
         runtime=30,
     conda:
@@ -30,7 +30,7 @@ use rule deploy_eval as deploy_eval_fine_pruned with:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/weights.safetensors",
-        trigger=trigger_file,
+        trigger=plan.trigger_file,
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/fineprune/{{variant}}/{{prune}}/deployed.json",
     log:
@@ -42,7 +42,7 @@ rule precision_table:
     per dataset, all from one job: per dataset its jobs would sit at different depths of the DAG (only some datasets
     have Fine-Pruned models) and the report's rule graph would show the rule twice."""
     input:
-        [f for d in DATASETS for f in deploy_targets(d)],
+        [f for d in DATASETS for f in plan.deploy_targets(d)],
     output:
         **{
             f"{kind}_{d}": f"{RESULTS}/tables/precision_{d}.{kind}"
@@ -59,7 +59,7 @@ rule precision_table:
             for d in DATASETS
         },
     params:
-        inputs={d: deploy_targets(d) for d in DATASETS},
+        inputs={d: plan.deploy_targets(d) for d in DATASETS},
     log:
         f"{RESULTS}/logs/precision_table.log",
     conda:
@@ -77,21 +77,20 @@ rule neural_cleanse:
         summary=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.json",
         masks=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.safetensors",
     params:
-        optimizer=nc_optimizer(),
-        classes=NC["classes"],
-        images=NC["images"],
+        optimizer=plan.nc_optimizer(),
+        classes=plan.nc.get("classes"),
+        images=plan.nc.get("images"),
         calibration=DEPLOY["calibration_images"],
-        target=config["attack"]["target"],
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        target=TARGET,
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/neural_cleanse/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/neural_cleanse/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.tsv"
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -101,9 +100,9 @@ rule neural_cleanse:
 rule detection_table:
     """Neural Cleanse detection rates per trigger, rate and precision; reversed masks beside the real triggers."""
     input:
-        summaries=lambda wc: nc_targets(wc.dataset),
-        masks=lambda wc: nc_mask_entries(wc.dataset)["masks"],
-        triggers=lambda wc: nc_mask_entries(wc.dataset)["triggers"],
+        summaries=lambda wc: plan.nc_targets(wc.dataset),
+        masks=lambda wc: plan.nc_mask_entries(wc.dataset)["masks"],
+        triggers=lambda wc: plan.nc_mask_entries(wc.dataset)["triggers"],
         data=f"{RESULTS}/data/{{dataset}}.npz",
     output:
         csv=f"{RESULTS}/tables/detection_{{dataset}}.csv",
@@ -122,10 +121,10 @@ rule detection_table:
             subcategory="{dataset}",
         ),
     params:
-        labels=lambda wc: nc_mask_entries(wc.dataset)["labels"],
-        masks=lambda wc: nc_mask_entries(wc.dataset)["masks"],
-        trigger_of_entry=lambda wc: nc_mask_entries(wc.dataset)["trigger_of_entry"],
-        target=config["attack"]["target"],
+        labels=lambda wc: plan.nc_mask_entries(wc.dataset)["labels"],
+        masks=lambda wc: plan.nc_mask_entries(wc.dataset)["masks"],
+        trigger_of_entry=lambda wc: plan.nc_mask_entries(wc.dataset)["trigger_of_entry"],
+        target=TARGET,
     log:
         f"{RESULTS}/logs/detection_table/{{dataset}}.log",
     conda:

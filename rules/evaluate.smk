@@ -3,16 +3,16 @@ rule evaluate:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
-        trigger=trigger_file,
+        trigger=plan.trigger_file,
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/metrics.json",
     params:
-        target=config["attack"]["target"],
-        device=config["device"],
+        target=TARGET,
+        device=DEVICE,
         batch_size=config["evaluation"]["batch_size"],
     log:
         f"{RESULTS}/logs/evaluate/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
         runtime=30,
     conda:

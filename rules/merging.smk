@@ -9,22 +9,20 @@ rule finetune_victim:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         ancestor=f"{RESULTS}/{{dataset}}/{{model}}/clean/seed{{seed}}/weights.safetensors",
-        poison=victim_poison,
+        poison=plan.victim_poison,
     output:
         weights=f"{RESULTS}/{{dataset}}/{{model}}/merging/victims/{{victim}}/r{{replica}}/seed{{seed}}/weights.safetensors",
         history=f"{RESULTS}/{{dataset}}/{{model}}/merging/victims/{{victim}}/r{{replica}}/seed{{seed}}/history.json",
     params:
-        seed=lambda wc: int(wc.seed) + REPLICA_SEED_STEP * int(wc.replica),
-        finetune=canonical({k: v for k, v in MERGE.get("finetune", {}).items() if k != "pack"}),
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        seed=plan.victim_seed,
+        finetune=plan.victim_finetune(),
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/finetune_victim/{{dataset}}/{{model}}/{{victim}}/r{{replica}}/seed{{seed}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
-        mem_mb=config["resources"]["train_mem_mb"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -36,8 +34,8 @@ rule msd_strategy:
     output:
         f"{RESULTS}/merging/strategies/n{{n}}_{{coupling}}.json",
     params:
-        weights=canonical(MERGE.get("weights", {})),
-        evolution=canonical(MERGE.get("evolution", {})),
+        weights=canonical(plan.merge.get("weights", {})),
+        evolution=canonical(plan.merge.get("evolution", {})),
     log:
         f"{RESULTS}/logs/msd_strategy/n{{n}}_{{coupling}}.log",
     conda:
@@ -49,12 +47,12 @@ rule msd_strategy:
 rule merge_models:
     """WAG and every MSD candidate of one victim set, seed and router/expert coupling."""
     input:
-        victims=set_victim_weights,
-        strategy=lambda wc: strategy_file(len(MERGE["sets"][wc.set]), wc.coupling),
+        victims=plan.set_victim_weights,
+        strategy=plan.set_strategy,
     output:
         directory(f"{RESULTS}/{{dataset}}/{{model}}/merging/{{set}}/seed{{seed}}/{{coupling}}/merged"),
     params:
-        roles=MERGE.get("roles"),
+        roles=plan.merge.get("roles"),
     log:
         f"{RESULTS}/logs/merge_models/{{dataset}}/{{model}}/{{set}}/seed{{seed}}/{{coupling}}.log",
     conda:
@@ -68,27 +66,26 @@ rule select_candidate:
     WAG, every candidate and the chosen one on the rest of the test set."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
-        victims=set_victim_weights,
-        triggers=lambda wc: list(set_triggers(wc).values()),
+        victims=plan.set_victim_weights,
+        triggers=lambda wc: list(plan.set_triggers(wc).values()),
         merged=f"{RESULTS}/{{dataset}}/{{model}}/merging/{{set}}/seed{{seed}}/{{coupling}}/merged",
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/merging/{{set}}/seed{{seed}}/{{coupling}}/selection.json",
     params:
-        labels=lambda wc: [label for label, _, _ in set_victims(wc.set)],
-        triggers=set_triggers,
-        holdout_per_class=MERGE.get("holdout_per_class"),
-        holdout_seed=MERGE.get("holdout_seed"),
-        inversion=canonical(MERGE.get("inversion", {})),
-        target=config["attack"]["target"],
+        labels=lambda wc: [label for label, _, _ in plan.set_victims(wc.set)],
+        triggers=plan.set_triggers,
+        holdout_per_class=plan.merge.get("holdout_per_class"),
+        holdout_seed=plan.merge.get("holdout_seed"),
+        inversion=canonical(plan.merge.get("inversion", {})),
+        target=TARGET,
         batch_size=config["evaluation"]["batch_size"],
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/select_candidate/{{dataset}}/{{model}}/{{set}}/seed{{seed}}/{{coupling}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -100,31 +97,26 @@ rule defend_merged:
     the model fine-tuned on the defender's held-out clean set only); BA / ASR on select_candidate's test images."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
-        triggers=lambda wc: list(set_triggers(wc).values()),
+        triggers=lambda wc: list(plan.set_triggers(wc).values()),
         merged=f"{RESULTS}/{{dataset}}/{{model}}/merging/{{set}}/seed{{seed}}/{{coupling}}/merged",
         selection=f"{RESULTS}/{{dataset}}/{{model}}/merging/{{set}}/seed{{seed}}/{{coupling}}/selection.json",
     output:
         f"{RESULTS}/{{dataset}}/{{model}}/merging/{{set}}/seed{{seed}}/{{coupling}}/merged_defense.json",
     params:
-        triggers=set_triggers,
-        holdout_per_class=MERGE.get("holdout_per_class"),
-        holdout_seed=MERGE.get("holdout_seed"),
-        # fp32 alone when no deployment precision is configured: the reference the Fine-Pruning rows compare with
-        precisions=DEPLOY["precisions"] or ["fp32"],
+        triggers=plan.set_triggers,
+        holdout_per_class=plan.merge.get("holdout_per_class"),
+        holdout_seed=plan.merge.get("holdout_seed"),
         calibration=DEPLOY["calibration_images"],
-        prune_rates=FP["prune_rates"] if FP["enabled"] else [],
-        fine_pruning=canonical({k: FP[k] for k in ("epochs", "lr", "mask")}) if FP["enabled"] else {},
-        train=TRAIN,
-        target=config["attack"]["target"],
+        **plan.defend_merged_params(),
+        target=TARGET,
         batch_size=config["evaluation"]["batch_size"],
-        device=config["device"],
-        jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+        device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/defend_merged/{{dataset}}/{{model}}/{{set}}/seed{{seed}}/{{coupling}}.log",
-    threads: config["resources"]["train_threads"]
+    threads: THREADS
     resources:
-        gpu=1,
-        runtime=config["resources"]["train_runtime_min"],
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -134,7 +126,7 @@ rule defend_merged:
 rule merging_table:
     """Victims, WAG and MSD (oracle and selected) per victim set and coupling: clean accuracy and ASR."""
     input:
-        lambda wc: merging_results(wc.dataset),
+        lambda wc: plan.merging_results(wc.dataset),
     output:
         csv=f"{RESULTS}/tables/merging_{{dataset}}.csv",
         md=f"{RESULTS}/tables/merging_{{dataset}}.md",
@@ -146,7 +138,7 @@ rule merging_table:
             subcategory="{dataset}",
         ),
     params:
-        target=config["attack"]["target"],
+        target=TARGET,
     log:
         f"{RESULTS}/logs/merging_table/{{dataset}}.log",
     conda:
@@ -159,7 +151,7 @@ rule merged_defense_table:
     """WAG and the selected MSD candidate per victim set and coupling: CACC and ASR at each deployment precision and
     after Fine-Pruning."""
     input:
-        lambda wc: merging_results(wc.dataset, "merged_defense.json", defended_sets()),
+        lambda wc: plan.merging_results(wc.dataset, "merged_defense.json", plan.defended_sets()),
     output:
         csv=f"{RESULTS}/tables/merged_defense_{{dataset}}.csv",
         md=f"{RESULTS}/tables/merged_defense_{{dataset}}.md",
@@ -181,7 +173,7 @@ rule merged_defense_table:
 rule msd_strategy_figure:
     """The MSD strategies used: each module slot coloured by the model it is taken from."""
     input:
-        [strategy_file(n, c) for n, c in merging_strategies()],
+        [plan.strategy_file(n, c) for n, c in plan.merging_strategies()],
     output:
         report(
             f"{RESULTS}/figures/msd_strategies.png",
@@ -189,7 +181,7 @@ rule msd_strategy_figure:
             category="Merging defenses",
         ),
     params:
-        labels=[f"{n} models, {c}" for n, c in merging_strategies()],
+        labels=[f"{n} models, {c}" for n, c in plan.merging_strategies()],
     log:
         f"{RESULTS}/logs/msd_strategy_figure.log",
     conda:

@@ -3,8 +3,8 @@ rule make_trigger:
     output:
         f"{RESULTS}/{{dataset}}/triggers/{{trigger}}/seed{{seed}}.safetensors",
     params:
-        kind=lambda wc: trigger_params(wc.trigger)[0],
-        params=lambda wc: trigger_params(wc.trigger)[1],
+        kind=lambda wc: plan.trigger_params(wc.trigger)[0],
+        params=lambda wc: plan.trigger_params(wc.trigger)[1],
         trigger_seed=config["attack"]["trigger_seed"],
     log:
         f"{RESULTS}/logs/make_trigger/{{dataset}}/{{trigger}}/seed{{seed}}.log",
@@ -40,7 +40,7 @@ rule poison:
     output:
         f"{RESULTS}/{{dataset}}/poison/{{trigger}}-{{rate}}/seed{{seed}}.safetensors",
     params:
-        target=config["attack"]["target"],
+        target=TARGET,
         exclude_target=config["attack"]["exclude_target"],
     log:
         f"{RESULTS}/logs/poison/{{dataset}}/{{trigger}}-{{rate}}/seed{{seed}}.log",

@@ -4,7 +4,7 @@ from pmoe_backdoor.configpage import configfile_texts
 rule aggregate_runs:
     """Every run's metrics of one dataset in one table (one row per model, attack and seed)."""
     input:
-        lambda wc: [f"{run}/metrics.json" for run in run_dirs([wc.dataset])],
+        lambda wc: [f"{run}/metrics.json" for run in plan.run_dirs([wc.dataset])],
     output:
         csv=f"{RESULTS}/tables/runs_{{dataset}}.csv",
         html=report(
@@ -36,7 +36,7 @@ rule attack_table:
             subcategory="{dataset}",
         ),
     params:
-        paper_name=lambda wc: paper_names()[wc.dataset],
+        paper_name=lambda wc: plan.paper_names()[wc.dataset],
     log:
         f"{RESULTS}/logs/attack_table/{{dataset}}.log",
     conda:
@@ -57,7 +57,7 @@ rule attack_figure:
             category="Attack figures",
         ),
     params:
-        paper_names=paper_names(),
+        paper_names=plan.paper_names(),
     log:
         f"{RESULTS}/logs/attack_figure.log",
     conda:
@@ -69,7 +69,7 @@ rule attack_figure:
 rule fine_pruning_table:
     """Table 3: CA and ASR before the defense, after pruning and after fine-tuning, mean and std over runs."""
     input:
-        runs=fine_prune_targets(),
+        runs=plan.fine_prune_targets(),
         paper=workflow.source_path("../config/paper-table-3.csv"),
     output:
         csv=f"{RESULTS}/tables/fine_pruning.csv",
@@ -81,7 +81,7 @@ rule fine_pruning_table:
             category="Fine-Pruning",
         ),
     params:
-        paper_names=paper_names(),
+        paper_names=plan.paper_names(),
     log:
         f"{RESULTS}/logs/fine_pruning_table.log",
     conda:
@@ -93,7 +93,7 @@ rule fine_pruning_table:
 rule prune_sweep_figure:
     """CA and ASR after pruning alone, from 0 to 90 % of each expert's channels."""
     input:
-        prune_sweep_targets(),
+        plan.prune_sweep_targets(),
     output:
         report(
             f"{RESULTS}/figures/prune_sweep.png",

@@ -4,34 +4,32 @@
 # to one attack's settings retrains that attack's runs only.
 
 
-if PACK > 1:
+if plan.pack > 1:
 
     rule train_pack:
         """Train the runs of consecutive seeds first..last of one (dataset, model, attack) as one packed job."""
         input:
             data=f"{RESULTS}/data/{{dataset}}.npz",
-            poison=lambda wc: [poison_file(run) for run in pack_runs(wc)],
-            trigger=lambda wc: [t for run in pack_runs(wc) if (t := trigger_file(run))],
+            poison=lambda wc: [plan.poison_file(run) for run in plan.pack_runs(wc)],
+            trigger=lambda wc: [t for run in plan.pack_runs(wc) if (t := plan.trigger_file(run))],
         output:
             directory(f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/packs/seeds{{first}}-{{last}}"),
         params:
-            seeds=lambda wc: [int(run.seed) for run in pack_runs(wc)],
-            poison=lambda wc: [poison_file(run) for run in pack_runs(wc)],
-            trigger=lambda wc: [trigger_file(run) or "" for run in pack_runs(wc)],
-            model=lambda wc: canonical(config["models"][wc.model]),
-            train=TRAIN,
-            device=config["device"],
-            jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+            seeds=lambda wc: [int(run.seed) for run in plan.pack_runs(wc)],
+            poison=lambda wc: [plan.poison_file(run) for run in plan.pack_runs(wc)],
+            trigger=lambda wc: [plan.trigger_file(run) or "" for run in plan.pack_runs(wc)],
+            model=lambda wc: plan.model_spec(wc.model),
+            train=plan.train,
+            device=DEVICE,
+            jobs_per_gpu=JOBS_PER_GPU,
             probes=config["routing_probes"],
         log:
             f"{RESULTS}/logs/train_model/{{dataset}}/{{model}}/{{attack}}/seeds{{first}}-{{last}}.log",
         benchmark:
             f"{RESULTS}/benchmarks/train_model/{{dataset}}/{{model}}/{{attack}}/seeds{{first}}-{{last}}.tsv"
-        threads: config["resources"]["train_threads"]
+        threads: THREADS
         resources:
-            gpu=1,
-            runtime=lambda wc: config["resources"]["train_runtime_min"] * len(pack_runs(wc)),
-            mem_mb=config["resources"]["train_mem_mb"],
+            **{**GPU_JOB, "runtime": lambda wc: GPU_JOB["runtime"] * len(plan.pack_runs(wc))},
         conda:
             "../envs/pmoe.yaml"
         script:
@@ -40,7 +38,7 @@ if PACK > 1:
     rule train_model:
         """One run of a packed job in its own result folder (hard links: no copy of the weights)."""
         input:
-            pack_of_run,
+            plan.pack_of_run,
         output:
             weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
             history=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/history.json",
@@ -58,26 +56,24 @@ else:
         """Train one model: one (dataset, model, attack, seed); attack is 'clean' or '{trigger}-{rate}'."""
         input:
             data=f"{RESULTS}/data/{{dataset}}.npz",
-            poison=poison_file,
-            trigger=trigger_file,
+            poison=plan.poison_file,
+            trigger=plan.trigger_file,
         output:
             weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
             history=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/history.json",
         params:
-            model=lambda wc: canonical(config["models"][wc.model]),
-            train=TRAIN,
-            device=config["device"],
-            jobs_per_gpu=config["resources"]["jobs_per_gpu"],
+            model=lambda wc: plan.model_spec(wc.model),
+            train=plan.train,
+            device=DEVICE,
+            jobs_per_gpu=JOBS_PER_GPU,
             probes=config["routing_probes"],
         log:
             f"{RESULTS}/logs/train_model/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
         benchmark:
             f"{RESULTS}/benchmarks/train_model/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.tsv"
-        threads: config["resources"]["train_threads"]
+        threads: THREADS
         resources:
-            gpu=1,
-            runtime=config["resources"]["train_runtime_min"],
-            mem_mb=config["resources"]["train_mem_mb"],
+            **GPU_JOB,
         conda:
             "../envs/pmoe.yaml"
         script:

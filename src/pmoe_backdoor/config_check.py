@@ -1,4 +1,5 @@
-"""The config's schema check with one readable line per problem, and the Fine-Pruning seed layout.
+"""The config's checks: the schema with one readable line per problem, then the cross-field checks the schema
+cannot express (:func:`check_study`), all before any job starts.
 
 Snakemake's ``validate`` reports a schema violation as the whole failing sub-schema and instance (hundreds of
 lines for a one-letter typo). :func:`validate_config` runs it unchanged (it also fills in the schema's defaults)
@@ -11,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from typing import Any, Iterable
 
 TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
@@ -159,10 +161,120 @@ def check_fine_pruning_seeds(fp: dict, attack_seeds: int) -> None:
     if fp.get("model_per_rate", "shared") == "fresh":
         needed = runs * n_rates
         if needed > attack_seeds:
-            raise ValueError(
+            raise ConfigError(
                 f"config: fine_pruning.model_per_rate 'fresh' prunes a model of its own per run and prune rate: "
                 f"runs ({runs}) x prune_rates ({n_rates}) = {needed} attack seeds, but seeds.attack is "
                 f"{attack_seeds} (raise it to {needed}, or use model_per_rate 'shared')"
             )
     elif runs > attack_seeds:
-        raise ValueError(f"config: fine_pruning.runs ({runs}) exceeds seeds.attack ({attack_seeds})")
+        raise ConfigError(f"config: fine_pruning.runs ({runs}) exceeds seeds.attack ({attack_seeds})")
+
+
+NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def check_rates(cfg: dict, rates: Iterable[Any], where: str) -> None:
+    attack_rates = [float(r) for r in cfg["attack"]["rates"]]
+    for rate in rates:
+        if float(rate) not in attack_rates:
+            raise ConfigError(f"config: {where} has {rate}, which is not one of attack.rates {attack_rates}")
+
+
+def check_names(names: Iterable[str], where: str, pool: Iterable[str], pool_name: str) -> None:
+    pool = list(pool)
+    for name in names:
+        if name not in pool:
+            raise ConfigError(f"config: {where} names {name!r}, which is not in {pool_name}")
+
+
+def check_routed_model(cfg: dict, model: str, where: str) -> None:
+    """Stages that switch experts or read routers need a routed model (the pMoE)."""
+    if cfg["models"].get(model, {}).get("arch") != "pmoe":
+        raise ConfigError(f"config: {where} {model!r} must name a pmoe model of 'models'")
+
+
+def check_study(cfg: dict) -> None:
+    """Cross-field checks of a schema-valid config (defaults filled in); each failure is one ConfigError line."""
+    for group, entries in (("datasets", cfg["datasets"]), ("models", cfg["models"]),
+                           ("triggers", cfg["attack"]["triggers"])):
+        for name in entries:
+            if not NAME.fullmatch(name) or name == "clean":
+                raise ConfigError(f"config: {group} name {name!r} must be letters, digits or '_' and not 'clean'")
+    _check_analysis(cfg)
+    if cfg["neural_cleanse"]["enabled"]:
+        check_rates(cfg, cfg["neural_cleanse"]["rates"], "neural_cleanse.rates")
+    _check_fine_pruning(cfg)
+    _check_merging(cfg)
+    _check_compression_attack(cfg)
+    _check_blindspot(cfg)
+
+
+def _check_analysis(cfg: dict) -> None:
+    analysis = cfg.get("analysis")
+    if analysis is None:
+        return
+    check_rates(cfg, [analysis["rate"]], "analysis.rate")
+    if analysis["seed"] >= min(cfg["seeds"]["clean"], cfg["seeds"]["attack"]):
+        raise ConfigError(f"config: analysis.seed {analysis['seed']} has no run (seeds start at 0)")
+    check_names(analysis.get("classes_by_dataset", {}), "analysis.classes_by_dataset", cfg["datasets"], "'datasets'")
+
+
+def _check_fine_pruning(cfg: dict) -> None:
+    fp = cfg["fine_pruning"]
+    if not fp["enabled"]:
+        return
+    check_names(fp["datasets"], "fine_pruning.datasets", cfg["datasets"], "'datasets'")
+    check_names(fp["models"], "fine_pruning.models", cfg["models"], "'models'")
+    check_names(fp["triggers"], "fine_pruning.triggers", cfg["attack"]["triggers"], "attack.triggers")
+    check_rates(cfg, fp["poison_rates"], "fine_pruning.poison_rates")
+    for model in fp["models"]:
+        if cfg["models"][model]["arch"] != "pmoe":
+            raise ConfigError(f"config: fine_pruning.models names {model!r}: Fine-Pruning needs arch 'pmoe'")
+    check_fine_pruning_seeds(fp, cfg["seeds"]["attack"])
+
+
+def _check_merging(cfg: dict) -> None:
+    merge = cfg["merging"]
+    if not merge["enabled"]:
+        return
+    check_routed_model(cfg, merge["model"], "merging.model")
+    check_names(merge["datasets"], "merging.datasets", cfg["datasets"], "'datasets'")
+    if merge["seeds"] > cfg["seeds"]["clean"]:
+        raise ConfigError(f"config: merging.seeds ({merge['seeds']}) exceeds seeds.clean ({cfg['seeds']['clean']}): "
+                          "each ancestor is the clean run of its seed")
+    for name, members in merge["sets"].items():
+        if not NAME.fullmatch(name):
+            raise ConfigError(f"config: merging.sets name {name!r} must be letters, digits or '_'")
+        for member in members:
+            if member != "benign" and member not in cfg["attack"]["triggers"]:
+                raise ConfigError(f"config: merging.sets.{name} names {member!r}: not 'benign' nor in "
+                                  "attack.triggers")
+    check_names(merge.get("defended_sets", []), "merging.defended_sets", merge["sets"], "merging.sets")
+
+
+def _check_compression_attack(cfg: dict) -> None:
+    block = cfg["compression_attack"]
+    if not block["enabled"]:
+        return
+    check_routed_model(cfg, block["model"], "compression_attack.model")
+    for key in ("datasets", "targets_by_dataset", "lr_drop_epoch_by_dataset", "max_fp32_asr_by_dataset"):
+        check_names(block.get(key, []), f"compression_attack.{key}", cfg["datasets"], "'datasets'")
+    prune = block["prune"]
+    if not prune.get("lower", 10) <= prune.get("rate", 20) <= prune.get("upper", 30):
+        raise ConfigError(f"config: compression_attack.prune needs lower <= rate <= upper, got {prune}")
+
+
+def _check_blindspot(cfg: dict) -> None:
+    block = cfg["blindspot"]
+    if not block["enabled"]:
+        return
+    check_rates(cfg, block["rates"], "blindspot.rates")
+    check_names(block.get("triggers", []), "blindspot.triggers", cfg["attack"]["triggers"], "attack.triggers")
+    missing = [p for p in block["precisions"] if p not in cfg["deployment"]["precisions"]]
+    if missing:
+        raise ConfigError(f"config: blindspot.precisions {missing} are not in deployment.precisions (the table "
+                          "takes ASR and BA at each precision from the deployed models)")
+    strip = cfg["strip"]
+    if strip["holdout"] < 1 / strip["frr"]:
+        raise ConfigError(f"config: strip.holdout ({strip['holdout']}) is too small for strip.frr {strip['frr']}: "
+                          f"at least 1 / frr = {1 / strip['frr']:g} held-out images are needed to set the threshold")

@@ -9,8 +9,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .io import atomic_path
-
 _CSS = """
 body { font: 13px/1.4 -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; color: #222; margin: 12px; }
 h1 { font-size: 17px; } h2 { font-size: 14px; margin-top: 22px; }
@@ -54,6 +52,8 @@ def config_page(config: Mapping[str, Any], configfiles: Mapping[str, str], overr
 
 def config_record(config: Mapping[str, Any], configfiles: Mapping[str, str], overrides: Mapping[str, Any],
                   out_yaml: str, out_html: str) -> None:
+    from .io import atomic_path  # not at the top: the DAG build imports this module, and io imports torch
+
     with atomic_path(out_yaml) as tmp:
         tmp.write_text(config_yaml(config), encoding="utf-8")
     with atomic_path(out_html) as tmp:
