@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 def current_umask() -> int:
@@ -80,15 +80,34 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load tensors and metadata written by :func:`save_tensors` (safetensors: no code is executed)."""
+    """Load tensors and metadata written by :func:`save_tensors` (safetensors: no code is executed).
+
+    Every model, trigger and poison file is read here, so every failure to read one is reported here, naming the
+    file (safetensors' own errors name none): FileNotFoundError for a missing file, ValueError for anything else
+    that is not a readable safetensors file with :func:`save_tensors`' JSON metadata (damaged, truncated, foreign).
+    """
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such file (expected a .safetensors file)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    return load_file(str(path)), meta
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file (expected a .safetensors file)")
+    try:
+        # one opening for the tensors and the metadata, so both come from the same version of the file
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # SafetensorError for a damaged file, OSError for an unreadable one, ...
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    meta = {}
+    for key, value in raw_meta.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: metadata {key!r} is not JSON ({exc}); expected a file written by "
+                             "pmoe-backdoor") from exc
+    return tensors, meta
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:

@@ -218,8 +218,9 @@ class Plan:
         return [f"{run}/prune_sweep.json" for run in self.fine_prune_runs()]
 
     def fine_prune_params(self) -> dict[str, Any]:
-        """The Fine-Pruning keys one fine_prune job depends on (the others only choose which jobs exist)."""
-        return canonical({k: self.fp[k] for k in ("epochs", "lr", "activation_images", "mask")})
+        """The Fine-Pruning keys one fine_prune job depends on (the others only choose which jobs exist); none when
+        Fine-Pruning is off (the rule is still read)."""
+        return canonical({k: self.fp[k] for k in ("epochs", "lr", "activation_images", "mask") if k in self.fp})
 
     def finetune_recipe(self, quiet: bool = False) -> dict[str, Any]:
         """The training keys a defense's fine-tuning reads (it sets its own epochs and lr; ``quiet``: and no

@@ -54,7 +54,11 @@ class PoisonRecord:
         if "indices" not in tensors or "images" not in tensors or "target" not in meta:
             raise ValueError(f"{path}: not a poison record (expected tensors 'indices', 'images' and a 'target')")
         target = meta.pop("target")
-        return cls(tensors["indices"], tensors["images"], int(target), meta)
+        try:
+            target = int(target)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a poison record (its 'target' is {target!r}, not a class index)") from exc
+        return cls(tensors["indices"], tensors["images"], target, meta)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, relabel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The poisoned training set: triggered images in place, labelled with the target if ``relabel``.

@@ -1,26 +1,65 @@
 """Watch a run: one line per training job from its log (epoch, speed, ETA, state), and a total.
 
     pmoe-status [WORKDIR]            (or: python -m pmoe_backdoor.status; WORKDIR is snakemake's -d, default .)
+    pmoe-status -d WORKDIR           (the same, in snakemake's spelling)
     pmoe-status --active --watch 30  (only the jobs not done, refreshed every 30 s)
 
-It reads the logs of the training jobs (``results/logs/train_model/**.log``, ``results/logs/fine_prune/**.log``
-and any other ``results/logs/train*/``), which ``fit`` writes as it goes: a progress line every
-``train.progress_seconds`` (``epoch 3/200 step 40/391 1234 img/s, 12 s``) and one at each epoch's end
-(``epoch 3/200: loss ... (1234 img/s, 31.6 s)``). A job that has not started yet has no log, so it is not listed.
+It reads the logs of the training-like jobs (the rules of :data:`TRAINING_RULES`: ``results/logs/train_model/``,
+``fine_prune/``, ``finetune_victim/``, ``train_compression_attack/``, and any other ``results/logs/train*/``),
+which the training loops write as they go: a progress line every ``progress_seconds`` (``fit``: ``epoch 3/200 step
+40/391 1234 img/s, 12 s``; the compression attack has no step counter) and one at each epoch's end (``epoch 3/200:
+loss ... (1234 img/s, 31.6 s)``; the compression attack's gives the seconds only). A job that has not started yet
+has no log, so it is not listed. Whether a job is done, or died without a word, comes from its outputs and
+Snakemake's records of the jobs it runs (see :func:`job_state`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
+from base64 import urlsafe_b64decode
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROGRESS = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+)\b.*?([\d.]+) img/s(?:, ([\d.]+) s\b)?")
-EPOCH_END = re.compile(r"^epoch (\d+)/(\d+):.*?([\d.]+) img/s.*?([\d.]+) s\)\s*$")
-STATES = ("done", "failed", "stalled", "starting", "running")  # the listing's order: the active jobs last
+# the step counter is optional (the compression attack's progress lines have none), so is the speed at an epoch's end
+PROGRESS = re.compile(r"^epoch (\d+)/(\d+)(?: step (\d+)/(\d+))?\b.*?([\d.]+) img/s(?:, ([\d.]+) s\b)?")
+EPOCH_END = re.compile(r"^epoch (\d+)/(\d+):(?:.*?([\d.]+) img/s)?.*?([\d.]+) s\)\s*$")
+STATES = ("done", "failed", "killed", "stalled", "starting", "running")  # the listing's order: the active jobs last
+
+# The training-like rules of rules/*.smk: each one's log below results/logs/ (without .log) and its outputs below
+# results/, in the rules' own wildcard syntax (tests/test_status.py checks them against the rules). A log's path
+# thus names its job's outputs, which tell a finished job from one that died (job_state).
+TRAINING_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "train_model": ("train_model/{dataset}/{model}/{attack}/seed{seed}",
+                    ("{dataset}/{model}/{attack}/seed{seed}/weights.safetensors",
+                     "{dataset}/{model}/{attack}/seed{seed}/history.json")),
+    "train_pack": ("train_model/{dataset}/{model}/{attack}/seeds{first}-{last}",
+                   ("{dataset}/{model}/{attack}/packs/seeds{first}-{last}",)),
+    "fine_prune": ("fine_prune/{dataset}/{model}/{attack}/seed{seed}/{variant}/{prune}",
+                   ("{dataset}/{model}/{attack}/seed{seed}/fineprune/{variant}/{prune}/metrics.json",
+                    "{dataset}/{model}/{attack}/seed{seed}/fineprune/{variant}/{prune}/weights.safetensors")),
+    "finetune_victim": ("finetune_victim/{dataset}/{model}/{victim}/r{replica}/seed{seed}",
+                        ("{dataset}/{model}/merging/victims/{victim}/r{replica}/seed{seed}/weights.safetensors",
+                         "{dataset}/{model}/merging/victims/{victim}/r{replica}/seed{seed}/history.json")),
+    "train_compression_attack": ("train_compression_attack/{dataset}/{model}/{attack}/seed{seed}",
+                                 ("{dataset}/{model}/compression/{attack}/seed{seed}/weights.safetensors",
+                                  "{dataset}/{model}/compression/{attack}/seed{seed}/history.json",
+                                  "{dataset}/{model}/compression/{attack}/seed{seed}/trigger.safetensors")),
+}
+NUMBER_WILDCARDS = {"seed", "first", "last", "replica"}  # digits only, as rules/common.smk constrains them
+
+
+def _wildcard_regex(pattern: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", pattern)  # literal, name, literal, name, ...
+    return re.compile("".join(re.escape(part) if i % 2 == 0 else
+                              f"(?P<{part}>{'[0-9]+' if part in NUMBER_WILDCARDS else '[^/]+'})"
+                              for i, part in enumerate(parts)))
+
+
+LOG_PATTERNS = [(_wildcard_regex(log), outputs) for log, outputs in TRAINING_RULES.values()]
 
 
 @dataclass
@@ -32,7 +71,7 @@ class LogState:
     epoch_seconds: list[float] = field(default_factory=list)
     img_s: float | None = None
     epoch: int = 0  # the epoch of the latest progress line (finished + 1 while one is under way)
-    fraction: float = 0.0  # of that epoch, from its step counter
+    fraction: float | None = 0.0  # of that epoch, from its step counter (None: the line has no step counter)
     elapsed: float | None = None  # seconds into that epoch (when the line says it)
     failed: bool = False
 
@@ -46,15 +85,16 @@ def parse_log(text: str) -> LogState:
         if line.startswith("Traceback (most recent call last)"):
             st.failed = True
         elif m := EPOCH_END.match(line):
-            e, n, rate, secs = int(m[1]), int(m[2]), float(m[3]), float(m[4])
+            e, n, secs = int(m[1]), int(m[2]), float(m[4])
             if e == 1 and st.finished:  # a second fit in the same log (it starts over)
                 st.epoch_seconds = []
-            st.total, st.finished, st.img_s, st.epoch, st.fraction, st.elapsed = n, e, rate, e, 1.0, None
+            st.total, st.finished, st.epoch, st.fraction, st.elapsed = n, e, e, 1.0, None
+            st.img_s = float(m[3]) if m[3] else st.img_s  # without a speed of its own, the last progress line's
             st.epoch_seconds.append(secs)
         elif m := PROGRESS.match(line):
-            e, n, step, steps = int(m[1]), int(m[2]), int(m[3]), int(m[4])
+            e, n = int(m[1]), int(m[2])
             st.total, st.epoch, st.img_s = n, e, float(m[5])
-            st.fraction = step / steps if steps else 0.0
+            st.fraction = (int(m[3]) / int(m[4]) if int(m[4]) else 0.0) if m[3] else None
             st.elapsed = float(m[6]) if m[6] else None
             if e <= st.finished:  # a new fit (e.g. a retry in the same log) started over
                 st.finished, st.epoch_seconds = e - 1, []
@@ -66,8 +106,18 @@ def epoch_estimate(st: LogState) -> float | None:
     if st.epoch_seconds:
         recent = st.epoch_seconds[-3:]
         return sum(recent) / len(recent)
-    if st.elapsed and st.fraction > 0:
+    if st.elapsed and st.fraction:
         return st.elapsed / st.fraction
+    return None
+
+
+def epoch_fraction(st: LogState) -> float | None:
+    """How far the epoch under way is: its step counter, else its seconds against an epoch's, else unknown."""
+    if st.fraction is not None:
+        return st.fraction
+    per_epoch = epoch_estimate(st)
+    if per_epoch and st.elapsed is not None:
+        return min(st.elapsed / per_epoch, 1.0)
     return None
 
 
@@ -77,7 +127,7 @@ def remaining_seconds(st: LogState) -> float | None:
     if per_epoch is None or not st.total:
         return None
     if st.epoch > st.finished:  # an epoch under way
-        current = per_epoch - st.elapsed if st.elapsed is not None else (1 - st.fraction) * per_epoch
+        current = per_epoch - st.elapsed if st.elapsed is not None else (1 - (st.fraction or 0.0)) * per_epoch
         return max(current, 0.0) + (st.total - st.epoch) * per_epoch
     return (st.total - st.finished) * per_epoch
 
@@ -91,11 +141,33 @@ class Job:
     eta: float | None
 
 
-def job_state(st: LogState, quiet: float, stall_seconds: float) -> str:
-    """failed (a traceback), done (the last epoch finished), stalled (the log quiet for longer than
-    ``stall_seconds`` and than two epochs), starting (no epoch line yet), else running."""
+def job_state(st: LogState, quiet: float, stall_seconds: float, outputs_exist: bool | None = None,
+              marked_incomplete: bool | None = None) -> str:
+    """failed (a traceback), done (its outputs written, or the last epoch finished), killed (it died without a
+    traceback), stalled (the log quiet for longer than ``stall_seconds`` and than two epochs), starting (no epoch
+    line yet), else running.
+
+    ``outputs_exist``: whether all the job's outputs exist; ``marked_incomplete``: whether Snakemake marks any of
+    them incomplete. Either is None where unknown (a rule :data:`TRAINING_RULES` does not know; a working directory
+    without Snakemake's records, e.g. logs copied away or ``--persistence-backend db``).
+
+    Why these signals: a killed process (SIGKILL, the OOM killer, a scheduler's time limit, a lost node) writes
+    nothing, so its log just stops, like the log of a job between two progress lines. But Snakemake deletes a
+    job's outputs and log before running it, marks the outputs incomplete (.snakemake/incomplete/) as the job
+    starts, and removes the marks once it has seen the job end: after a success, and after a failure, when it also
+    deletes the outputs (a retry marks them again). So a job whose outputs are unmarked is no longer running, and
+    without its outputs it failed; no traceback means it was killed. The marks are the bookkeeping behind
+    ``--rerun-incomplete``, kept by the main Snakemake process under every executor, unlike the wording of its run
+    log, and need no look at processes (which on a cluster run elsewhere). Outputs alone do not mean done while
+    marked: the job may still be writing them. The jobs write each output atomically at their end, so all exist
+    only after a success, even under ``--keep-incomplete``. A job whose Snakemake was itself killed keeps its
+    marks: it reads running until its log has been quiet too long (stalled)."""
     if st.failed:
         return "failed"
+    if outputs_exist and not marked_incomplete:  # Snakemake deletes a job's outputs before running it
+        return "done"
+    if marked_incomplete is False and outputs_exist is False:
+        return "killed"
     if st.total and st.finished >= st.total:
         return "done"
     per_epoch = epoch_estimate(st) or 0.0
@@ -108,12 +180,46 @@ def find_logs(workdir: Path) -> list[Path]:
     logs = workdir / "results" / "logs"
     if not logs.is_dir():
         return []
-    kinds = [d for d in sorted(logs.iterdir()) if d.is_dir() and (d.name == "fine_prune" or d.name.startswith("train"))]
+    known = {log.split("/", 1)[0] for log, _ in TRAINING_RULES.values()}
+    kinds = [d for d in sorted(logs.iterdir()) if d.is_dir() and (d.name in known or d.name.startswith("train"))]
     return [p for d in kinds for p in sorted(d.rglob("*.log"))]
+
+
+def job_outputs(name: str) -> list[str] | None:
+    """The outputs (paths below results/) of the job that writes log ``name`` (below results/logs/, without .log);
+    None for a log no rule of :data:`TRAINING_RULES` writes."""
+    for pattern, outputs in LOG_PATTERNS:
+        if m := pattern.fullmatch(name):
+            return [out.format(**m.groupdict()) for out in outputs]
+    return None
+
+
+def incomplete_outputs(workdir: Path) -> set[str] | None:
+    """The outputs Snakemake marks incomplete in ``workdir`` (paths as its rules give them, relative to
+    ``workdir``), or None where it keeps no such records. Each mark is a file named by the output's path in
+    URL-safe base64, split into folders of names starting with '@' where longer than a file name may be
+    (snakemake.persistence.file)."""
+    records = workdir / ".snakemake" / "incomplete"
+    if not records.is_dir():
+        return None
+    base = workdir.resolve()
+    marked = set()
+    for folder, _, names in os.walk(records):
+        for name in names:
+            parts = Path(folder, name).relative_to(records).parts
+            try:
+                path = urlsafe_b64decode("".join(p.removeprefix("@") for p in parts)).decode()
+            except ValueError:  # not a mark (Snakemake's "migration_underway" flag)
+                continue
+            if os.path.isabs(path) and Path(path).is_relative_to(base):
+                path = str(Path(path).relative_to(base))
+            marked.add(os.path.normpath(path))
+    return marked
 
 
 def collect(workdir: Path, stall_seconds: float = 300.0, now: float | None = None) -> list[Job]:
     now = time.time() if now is None else now
+    marked = incomplete_outputs(workdir)
     jobs = []
     for path in find_logs(workdir):
         try:
@@ -122,10 +228,16 @@ def collect(workdir: Path, stall_seconds: float = 300.0, now: float | None = Non
             continue
         st = parse_log(text)
         quiet = max(now - mtime, 0.0)
-        state = job_state(st, quiet, stall_seconds)
+        name = path.relative_to(workdir / "results" / "logs").with_suffix("").as_posix()
+        outputs = job_outputs(name)
+        outputs_exist = marked_incomplete = None
+        if outputs is not None:
+            outputs_exist = all((workdir / "results" / out).exists() for out in outputs)
+            if marked is not None:
+                marked_incomplete = any(os.path.normpath(f"results/{out}") in marked for out in outputs)
+        state = job_state(st, quiet, stall_seconds, outputs_exist, marked_incomplete)
         left = remaining_seconds(st) if state == "running" else None
         eta = max(left - quiet, 0.0) if left is not None else None
-        name = path.relative_to(workdir / "results" / "logs").with_suffix("").as_posix()
         jobs.append(Job(name, st, state, quiet, eta))
     return sorted(jobs, key=lambda j: (STATES.index(j.state), j.name))
 
@@ -147,7 +259,8 @@ def job_row(job: Job) -> list[str]:
     st = job.log
     epoch = f"{st.finished}/{st.total}" if st.total else "-"
     if job.state == "running" and st.epoch > st.finished:
-        epoch = f"{st.epoch}/{st.total} ({100 * st.fraction:.0f}%)"
+        fraction = epoch_fraction(st)
+        epoch = f"{st.epoch}/{st.total}" + (f" ({100 * fraction:.0f}%)" if fraction is not None else "")
     eta = duration(job.eta) if job.state == "running" else "-"
     speed = f"{st.img_s:.0f}" if st.img_s is not None else "-"
     return [job.name, epoch, speed, eta, job.state, f"{duration(job.quiet)} ago"]
@@ -176,16 +289,20 @@ def render(jobs: list[Job], everything: list[Job] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pmoe-status", description="Progress of the training and Fine-Pruning jobs "
-                                 "of a run, from their logs under WORKDIR/results/logs.")
-    ap.add_argument("workdir", nargs="?", default=".", help="the run's working directory (snakemake -d; default .)")
+    ap = argparse.ArgumentParser(prog="pmoe-status", description="Progress of the training-like jobs (training, "
+                                 "Fine-Pruning, victims' fine-tuning, compression attacks) of a run, from their logs "
+                                 "under WORKDIR/results/logs.")
+    ap.add_argument("workdir", nargs="?", help="the run's working directory (snakemake -d; default .)")
+    ap.add_argument("-d", "--directory", metavar="WORKDIR", help="the same, in snakemake's spelling")
     ap.add_argument("--stall", type=float, default=300.0, metavar="SECONDS",
                     help="call a job stalled when its log has not changed for this long (and for two epochs); "
                          "default 300")
     ap.add_argument("--active", action="store_true", help="list only the jobs that are not done")
     ap.add_argument("--watch", type=float, default=0.0, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     args = ap.parse_args(argv)
-    workdir = Path(args.workdir)
+    if args.workdir and args.directory and Path(args.workdir).resolve() != Path(args.directory).resolve():
+        ap.error(f"two working directories: {args.workdir} and -d {args.directory}")
+    workdir = Path(args.directory or args.workdir or ".")
     if not (workdir / "results" / "logs").is_dir():
         print(f"pmoe-status: no {workdir / 'results' / 'logs'}: no job has started in {workdir}", file=sys.stderr)
         return 1

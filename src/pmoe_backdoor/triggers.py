@@ -247,12 +247,18 @@ def make_trigger(kind: str, params: dict[str, Any] | None = None, seed: int = 0)
 
 
 def load_trigger(path: str | os.PathLike) -> Trigger:
+    """The trigger a file written by :meth:`Trigger.save` holds; a file that does not make one fails with a
+    ValueError naming it (FileNotFoundError where it is missing)."""
     tensors, meta = load_tensors(path)
     kind, params = meta.get("kind"), meta.get("params", {})
-    if kind == "square":
-        return SquareTrigger(**params)
-    if kind == "blend":
-        return BlendTrigger(tensors["image"], params["alpha"], params.get("source", ""))
-    if kind == "warp":
+    if kind not in TRIGGER_KINDS:
+        raise ValueError(f"{path}: not a trigger file (metadata 'kind' is {kind!r}; expected one of {TRIGGER_KINDS})")
+    try:
+        if kind == "square":
+            return SquareTrigger(**params)
+        if kind == "blend":
+            return BlendTrigger(tensors["image"], params["alpha"], params.get("source", ""))
         return WarpTrigger(tensors["grid"], **params)
-    raise ValueError(f"{path}: not a trigger file (metadata 'kind' is {kind!r}; expected one of {TRIGGER_KINDS})")
+    except (KeyError, TypeError, ValueError) as exc:  # a tensor or parameter missing or of the wrong kind
+        raise ValueError(f"{path}: not a readable {kind} trigger file (tensors {sorted(tensors)}, parameters "
+                         f"{params!r}): {type(exc).__name__}: {exc}") from exc

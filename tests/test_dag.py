@@ -1,0 +1,136 @@
+"""The DAG as Snakemake builds it from the real Snakefile (no job runs): every config the schema accepts builds,
+without torch; each job is given what it reads; every GPU job reaches the cluster's GPU partition."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "config" / "smoke.yaml"
+PROBE = Path(__file__).parent / "tools" / "dag_probe.py"
+SLURM = REPO / "profiles" / "slurm" / "config.yaml"
+
+if os.environ.get("CI"):
+    import snakemake  # noqa: F401  (CI must run these tests: a missing Snakemake fails, it does not skip)
+else:
+    pytest.importorskip("snakemake", reason="the workflow extra is not installed (pip install -e '.[workflow]')")
+pytestmark = pytest.mark.e2e
+
+
+def overlay(tmp_path: Path, name: str, changes: dict) -> Path:
+    """A config file holding only ``changes``, given after the smoke config (Snakemake merges it in)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(changes))
+    return path
+
+
+def dag(tmp_path: Path, *configfiles: Path) -> dict:
+    """Every job (rule, wildcards, params, resources) and every rule's resources of the smoke DAG."""
+    out, work = tmp_path / "dag.json", tmp_path / "work"
+    args = ["-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "1", "--configfile", str(SMOKE),
+            *map(str, configfiles)]
+    proc = subprocess.run([sys.executable, str(PROBE), str(out), *args], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return json.loads(out.read_text())
+
+
+def params_of(jobs: list[dict], rule: str) -> dict:
+    return {tuple(j["output"]): j["params"] for j in jobs if j["rule"] == rule}
+
+
+@pytest.fixture(scope="module")
+def smoke_dag(tmp_path_factory) -> dict:
+    return dag(tmp_path_factory.mktemp("smoke-dag"))
+
+
+def test_every_neural_cleanse_rule_gets_the_schedule(smoke_dag: dict, tmp_path: Path):
+    changed = dag(tmp_path, overlay(tmp_path, "original", {"neural_cleanse": {"schedule": "original"}}))
+    rules = {j["rule"] for j in changed["jobs"] if "neural_cleanse" in j["rule"] and j["rule"] != "neural_cleanse"}
+    assert "compression_neural_cleanse" in rules  # the compression study's, besides the detection table's
+    nc_jobs = [j for j in changed["jobs"] if j["rule"] in rules | {"neural_cleanse"}]
+    assert nc_jobs and all(j["params"]["optimizer"].get("schedule") == "original" for j in nc_jobs)
+    # the default schedule keeps the params its results were made with
+    assert all("schedule" not in j["params"]["optimizer"] for j in smoke_dag["jobs"] if "optimizer" in j["params"])
+
+
+def test_a_change_of_train_epochs_reruns_no_job_that_overrides_them(smoke_dag: dict, tmp_path: Path):
+    changed = dag(tmp_path, overlay(tmp_path, "epochs", {"train": {"epochs": 7, "lr": 0.2}}))
+    for rule in ("evaluate_compression_attack", "defend_merged", "fine_prune"):
+        before, after = params_of(smoke_dag["jobs"], rule), params_of(changed["jobs"], rule)
+        assert before and before == after, rule
+    assert params_of(changed["jobs"], "train_model") != params_of(smoke_dag["jobs"], "train_model")
+
+
+def test_every_gpu_rule_goes_to_the_gpu_partition(smoke_dag: dict, tmp_path: Path):
+    """From the rules' resources as Snakemake resolved them (`use rule` copies inherit theirs), packed training
+    included."""
+    packed = dag(tmp_path, overlay(tmp_path, "pack", {"train": {"pack": 2}}))
+    gpu_rules = {name for dump in (smoke_dag, packed) for name, resources in dump["rules"].items()
+                 if "gpu" in resources}
+    assert {"train_model", "train_pack", "fine_prune", "neural_cleanse", "compression_neural_cleanse"} <= gpu_rules
+    profile = yaml.safe_load(SLURM.read_text())
+    cpu_partition = profile["default-resources"]["slurm_partition"]
+    for rule in gpu_rules:
+        settings = profile["set-resources"].get(rule)
+        assert settings, f"profiles/slurm: GPU rule {rule!r} has no set-resources entry (it would run on CPU nodes)"
+        assert settings["slurm_partition"] != cpu_partition, rule
+    # and nothing else is sent to the GPU partition (train_model with train.pack > 1 only links a packed job's run)
+    assert set(profile["set-resources"]) <= gpu_rules
+
+
+def dry_run(workdir: Path, *configfiles: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n", "--cores", "1",
+           "--configfile", *map(str, configfiles)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+
+
+def optional_blocks() -> list[str]:
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+    return [key for key in schema["properties"] if key not in schema["required"]]
+
+
+def test_every_optional_block_can_be_left_out(tmp_path: Path):
+    """A schema-valid config without any one optional block builds its DAG, or stops with one `config:` line
+    (a block another one needs); never a traceback while the rules are read."""
+    smoke = yaml.safe_load(SMOKE.read_text())
+    blocks = optional_blocks()
+    assert {"analysis", "routing_probes", "fine_pruning", "merging", "blindspot"} <= set(blocks)
+
+    def without(block: str) -> tuple[str, subprocess.CompletedProcess]:
+        cfg = {k: v for k, v in smoke.items() if k != block}
+        path = tmp_path / f"without-{block}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return block, dry_run(tmp_path / f"work-{block}", path)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(without, blocks))
+    built = []
+    for block, proc in results:
+        text = proc.stdout + proc.stderr
+        if proc.returncode == 0:
+            built.append(block)
+        else:
+            lines = [ln for ln in text.splitlines() if "config: " in ln]
+            assert lines and "Traceback" not in text and "KeyError" not in text, f"without {block}:\n{text[-2000:]}"
+    assert {"analysis", "routing_probes", "fine_pruning", "merging", "strip"} <= set(built), built
+
+
+def test_the_dag_builds_without_torch(tmp_path: Path):
+    """Snakemake imports the workflow's library at every start (and twice per cluster job): no torch there."""
+    blocker = tmp_path / "blocker" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch imported while the DAG was built')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = dry_run(tmp_path / "work", SMOKE, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    # the blocker works: importing torch with it fails
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert "torch imported while the DAG was built" in check.stderr
