@@ -1,4 +1,4 @@
-# Issue 13: the quantization blindspot (Pandey & Ye) - STRIP, Activation Clustering and Spectral Signatures on each
+# The quantization blindspot (Pandey & Ye) - STRIP, Activation Clustering and Spectral Signatures on each
 # model as deployed at each precision, and one table and figure per dataset with Neural Cleanse and Fine-Pruning.
 
 

@@ -1,4 +1,4 @@
-# Issue 12: backdoors that appear only after compression (Tian et al., "Stealthy Backdoors as Compression
+# Backdoors that appear only after compression (Tian et al., "Stealthy Backdoors as Compression
 # Artifacts"). Each attack model is trained from scratch, measured as released and as the victim compresses it
 # (int8 two ways, int4, Fine-Pruning), checked by Neural Cleanse as released, and summarised in one table per dataset.
 # The rules exist whatever the config (compression_attack.enabled decides whether any job is wanted), hence .get.

@@ -1,7 +1,7 @@
-# Issue 11: merging defenses. Victims are fine-tuned copies of one clean ancestor (the study's clean run of a seed);
-# each set of victims is merged by weight averaging (WAG) and by module switching (MSD), the defender picks an MSD
-# candidate with a clean held-out set, and every model is measured on the rest of the test set. The rules exist
-# whatever the config (merging.enabled decides whether any job is wanted), hence .get for the block's keys.
+# Merging defenses (Li et al., module switching). Victims are fine-tuned copies of one clean ancestor (the study's
+# clean run of a seed); each set of victims is merged by weight averaging (WAG) and by module switching (MSD), the
+# defender picks an MSD candidate with a clean held-out set, and every model is measured on the rest of the test set.
+# The rules exist whatever the config (merging.enabled decides whether any job is wanted), hence .get for its keys.
 
 
 rule finetune_victim:

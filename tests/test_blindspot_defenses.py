@@ -1,4 +1,4 @@
-"""STRIP, Activation Clustering, Spectral Signatures (issue 13): hand-worked numbers for their statistics and
+"""STRIP, Activation Clustering, Spectral Signatures: hand-worked numbers for their statistics and
 thresholds, and each defense on a tiny model trained here with a strong trigger (detected) and on the same model
 trained on clean data (not flagged). Neural Cleanse's schedules: hand-worked cost trajectories."""
 

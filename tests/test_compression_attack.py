@@ -1,4 +1,4 @@
-"""Issue 12: fake quantisation with a straight-through estimator, the attack objectives on hand-made batches, the
+"""Fake quantisation with a straight-through estimator, the attack objectives on hand-made batches, the
 authors' checkpoint rule, and the quantisation-activated backdoor trained end to end on a tiny model."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The compression-attack jobs (issue 12) on a small synthetic dataset, in the style of test_jobs.py: train an
+"""The compression-attack jobs on a small synthetic dataset, in the style of test_jobs.py: train an
 attack model, measure it, Neural Cleanse on it (the deploy stage's job), and the table."""
 
 from __future__ import annotations

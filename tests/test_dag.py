@@ -82,6 +82,11 @@ def test_every_gpu_rule_goes_to_the_gpu_partition(smoke_dag: dict, tmp_path: Pat
         settings = profile["set-resources"].get(rule)
         assert settings, f"profiles/slurm: GPU rule {rule!r} has no set-resources entry (it would run on CPU nodes)"
         assert settings["slurm_partition"] != cpu_partition, rule
+        # the GPU itself is requested by the rule's own gpu=1 (the plugin turns it into --gpus=1); a gres as well
+        # would ask twice
+        assert "gres" not in settings, rule
+        # runtime and memory come from the workflow config, not fixed numbers in the profile
+        assert not {"runtime", "mem_mb"} & set(settings), rule
     # and nothing else is sent to the GPU partition (train_model with train.pack > 1 only links a packed job's run)
     assert set(profile["set-resources"]) <= gpu_rules
 

@@ -249,7 +249,7 @@ def test_merging_jobs_from_victims_to_table(study, tmp_path, monkeypatch):
 
 def test_blindspot_jobs_from_defenses_to_table(study, tmp_path):
     """strip / activation_clustering / spectral_signatures jobs on the study's model, then the blindspot table and
-    figure (issue 13)."""
+    figure."""
     from pmoe_backdoor.jobs.blindspot import (
         activation_clustering_job,
         blindspot_figure,

@@ -262,7 +262,7 @@ def test_holdout_split():
 
 def test_suspect_class_finds_the_backdoor_target():
     """A blend trigger (seeded natural image, alpha 0.3) at 20 %: the inversion from noise reaches the target
-    through the trigger. A square patch is not recovered by the inversion, see the report of issue 11."""
+    through the trigger. A square patch is not recovered by the inversion."""
     cfg = finetune_config()
     assert (cfg.lr, cfg.epochs, cfg.batch_size) == (0.01, 5, 128)
     k, target = 4, 2

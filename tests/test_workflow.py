@@ -105,7 +105,7 @@ def test_smoke_config_completes_with_every_output(smoke_run: Path):
     assert all(m["routing_change_clean"] == 0.0 for m in deployed if m["precision"] == "fp32")
     nc = list(res.glob("synth/pmoe/*/seed0/neural_cleanse/*.json"))
     assert len(nc) == 2 * (1 + len(cfg["attack"]["triggers"]) * len(cfg["neural_cleanse"]["rates"]))
-    # the blindspot table (issue 13): each of its three defenses on every analysed model at every precision
+    # the blindspot table: each of its three defenses on every analysed model at every precision
     assert (res / "tables/blindspot_synth.md").stat().st_size > 0 and (res / "figures/blindspot_synth.png").exists()
     bs = cfg["blindspot"]
     for defense in ("strip", "activation_clustering", "spectral_signatures"):
@@ -298,7 +298,7 @@ def test_packed_training_gives_each_run_its_own_files(tmp_path):
 
 
 def test_smoke_compression_attack_table(smoke_run: Path):
-    """Issue 12: every attack model of the smoke config trained, measured, checked by Neural Cleanse, in the table."""
+    """every attack model of the smoke config trained, measured, checked by Neural Cleanse, in the table."""
     res = smoke_run / "results"
     cfg = yaml.safe_load(SMOKE.read_text())["compression_attack"]
     evaluations = sorted(res.glob("synth/pmoe/compression/*/seed*/evaluation.json"))
@@ -309,7 +309,7 @@ def test_smoke_compression_attack_table(smoke_run: Path):
 
 
 def test_blindspot_runs_neural_cleanse_on_every_seed_it_analyses(tmp_path: Path):
-    """Issue 13: the blindspot table's Neural Cleanse rows cover the same models as its other defenses (here two
+    """the blindspot table's Neural Cleanse rows cover the same models as its other defenses (here two
     clean seeds, though neural_cleanse.seeds is 1) at the precisions both blocks name; the compression table's
     ROC-AUC takes those clean models as negatives when they are run at fp32."""
     cfg = write_config(tmp_path / "blind.yaml", **{"blindspot.seeds": 2, "blindspot.precisions": ["fp32", "int8"]})

@@ -1,5 +1,5 @@
 """Backdoors that appear only after compression (Tian et al., "Stealthy Backdoors as Compression Artifacts"),
-mapped onto the pMoE (issue 12).
+mapped onto the pMoE.
 
 Every batch is doubled to [x ; x with the trigger]. A float pass with labels [y ; y] keeps the released (fp32)
 model clean on triggered images; a compressed pass with labels [y ; target] plants the backdoor in the model the

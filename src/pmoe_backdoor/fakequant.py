@@ -1,4 +1,4 @@
-"""Fake quantisation for training (issue 12): quantise-dequantise in the forward pass, identity in the backward
+"""Fake quantisation for training: quantise-dequantise in the forward pass, identity in the backward
 pass (straight-through estimator), so one set of float weights can be trained to behave differently once quantised.
 
 Two variants, both applied to every ``Conv2d`` and ``Linear`` of the model (trunk, pre-MoE conv, the router's

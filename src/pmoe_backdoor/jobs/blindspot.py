@@ -1,4 +1,4 @@
-"""Blindspot stage (issue 13): STRIP, Activation Clustering and Spectral Signatures on each model as deployed, and
+"""Blindspot stage: STRIP, Activation Clustering and Spectral Signatures on each model as deployed, and
 the quantization-blindspot table of all five defenses at every precision."""
 
 from __future__ import annotations

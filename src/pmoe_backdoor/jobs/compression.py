@@ -1,4 +1,4 @@
-"""Compression-activated backdoors (issue 12): train an attack model, measure it as released and as compressed
+"""Compression-activated backdoors: train an attack model, measure it as released and as compressed
 (int8 both ways, int4, Fine-Pruning with and without fine-tuning), and the table."""
 
 from __future__ import annotations

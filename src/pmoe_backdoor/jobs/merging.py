@@ -1,4 +1,4 @@
-"""Merging stage (issue 11): victims fine-tuned from one clean ancestor, the MSD strategy, the merged models (WAG
+"""Merging stage: victims fine-tuned from one clean ancestor, the MSD strategy, the merged models (WAG
 and the strategy's candidates), the suspect-class selection, and every model's BA and ASR on the test images that
 were not held out for the defender."""
 

@@ -1,4 +1,4 @@
-"""Model merging against backdoors on pMoEs (issue 11): weight averaging (WAG) and the Module-Switching Defense
+"""Model merging against backdoors on pMoEs: weight averaging (WAG) and the Module-Switching Defense
 (MSD, Li et al., ICLR 2026).
 
 - :mod:`.slots`: the 17 module slots, the adjacency table, the state-dict-to-slot map;

@@ -1,4 +1,4 @@
-"""Defenses after merging (issue 11): the merged model as deployed (fp32 / int8 / int4) and Fine-Pruning of the
+"""Defenses after merging: the merged model as deployed (fp32 / int8 / int4) and Fine-Pruning of the
 merged model, each measured as clean accuracy (BA) and the ASR of every victim's trigger.
 
 Fine-Pruning data: MSD's defender holds only a small clean set (the images per class held out of the test set for

@@ -1,4 +1,4 @@
-"""Selection after merging: the suspect (backdoor target) class and the candidate to deploy (MSD, issue 11).
+"""Selection after merging: the suspect (backdoor target) class and the candidate to deploy (MSD).
 
 Suspect class: for each model (the victims and the WAG model) and each class c, an input is optimised from
 seeded noise until the model predicts c (Adam, lr 0.1, at most 200 steps; x = sigmoid(z), NCHW in [0, 1] as
@@ -11,7 +11,7 @@ clean features taken by the same model in eval mode; c* = argmax S (ties to the 
 Candidate: the one whose clean non-c* features are least aligned with WAG's c* feature (the largest mean
 1 - cos); ties to the first candidate.
 
-Measured on widen-1 pMoEs trained on synthetic data (tests/test_merging.py, issue 11 report): with a blend trigger
+Measured on widen-1 pMoEs trained on synthetic data (tests/test_merging.py): with a blend trigger
 the inversion reaches the target through the trigger and c* is the target; with a square patch it never draws
 the patch, and the target (whose features dirty-label poisoning mixes with every class) tends to score lowest.
 

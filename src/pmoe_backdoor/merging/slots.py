@@ -1,4 +1,4 @@
-"""The 17 module slots of a pMoE and the adjacency the MSD fitness reads (Module-Switching Defense, issue 11).
+"""The 17 module slots of a pMoE and the adjacency the MSD fitness reads (Module-Switching Defense).
 
 A slot is a unit that module switching takes whole from one source model. A slot carries the BatchNorm in front
 of its conv (weights and running statistics). At the default depth (one PreActBlock per trunk group, four
