@@ -5,6 +5,7 @@ trained on clean data (not flagged). Neural Cleanse's schedules: hand-worked cos
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -286,6 +287,52 @@ def test_blindspot_table_rates_and_claims(tmp_path):
     # on CIFAR-10 the paper says NC fails at int4: 50 % detected disagrees
     t = blindspot_table(defenses, deployed, fine_pruned, 20.0, "cifar10", *out)
     assert t[(t.defense == "Neural Cleanse") & (t.precision == "int4") & (t.trigger == "square")].agrees.item() is False
+
+
+# ----- the blindspot figure -----
+
+FIGURE_DEFENSES = ["Neural Cleanse", "STRIP", "Activation Clustering", "Spectral Signatures",
+                   "Fine-Pruning (clean 30 %)"]
+
+
+def _summary(precisions: list[str]) -> pd.DataFrame:
+    """Summary rows as blindspot_table writes them, on attacked and clean models (Fine-Pruning is not run on clean
+    ones): every defense detects 0 % or 100 %, so that several share each rate, as they often do."""
+    rows = [{"dataset": "g", "model": "pmoe", "defense": d, "trigger": t, "rate": 0.0 if t == "clean" else 2.0,
+             "precision": p, "models": 2, "detected_mean": 100.0 * (i % 2)}
+            for i, d in enumerate(FIGURE_DEFENSES) for t in ("clean", "square") for p in precisions
+            if not (t == "clean" and d.startswith("Fine-Pruning"))]
+    return pd.DataFrame(rows)
+
+
+def _defense_x(ax) -> dict[str, list[float]]:
+    """Where each defense is drawn along the x axis: its line's points, or the centres of its bars."""
+    xs = {line.get_label(): [float(x) for x in line.get_xdata()] for line in ax.lines
+          if not line.get_label().startswith("_")}
+    xs.update({bars.get_label(): [p.get_x() + p.get_width() / 2 for p in bars.patches] for bars in ax.containers})
+    return xs
+
+
+def test_blindspot_figure_sets_the_defenses_apart_at_a_single_precision():
+    import matplotlib.pyplot as plt
+
+    from pmoe_backdoor.blindspot import draw_blindspot_figure
+
+    fig = draw_blindspot_figure(_summary(["int8"]))
+    attacked, clean = fig.axes
+    for ax, defenses in ((attacked, FIGURE_DEFENSES), (clean, FIGURE_DEFENSES[:4])):
+        xs = _defense_x(ax)
+        assert list(xs) == defenses and all(len(x) == 1 for x in xs.values())
+        centres = sorted(x[0] for x in xs.values())
+        widths = [p.get_width() for p in ax.patches]
+        assert min(np.diff(centres)) >= max(widths) > 0  # distinct x positions, no bar over another
+        ticks = dict(zip([t.get_text() for t in ax.get_xticklabels()], ax.get_xticks()))
+        assert all(xs[d][0] == pytest.approx(ticks[d]) for d in defenses)  # each bar named by its tick
+    plt.close(fig)
+
+    fig = draw_blindspot_figure(_summary(["fp32", "int8", "int4"]))  # several precisions: a line per defense
+    assert all(x == [0.0, 1.0, 2.0] for x in _defense_x(fig.axes[0]).values())
+    plt.close(fig)
 
 
 def test_neural_cleanse_on_a_trained_backdoor():

@@ -7,10 +7,11 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from pmoe_backdoor.configpage import config_record, configfile_texts
-from pmoe_backdoor.tables import frame_cells, html_table, write_table
+from pmoe_backdoor.tables import HtmlLayout, frame_cells, html_table, markdown, write_table
 
 HEADER = ["Model", "Trigger", "ASR %", "paper", "Δ", "CA before"]
 ROWS = [["pmoe", "clean", "–", "–", "–", "85.0 ± 1.4"],
@@ -48,6 +49,34 @@ def test_html_table_without_paper_columns_has_no_delta_legend():
     page = html_table(["Dataset", "BA"], [["c10", "80.0"]], "plain")
     assert "ours − paper" not in page and "td class=\"num\"" in page
 
+
+def test_html_layout_groups_splits_and_abbreviates_the_page_only(tmp_path):
+    header = ["Model", "Precision", "fp32 BA", "fp32 ASR", "int4 BA", "int4 ASR", "Note"]
+    dynamic = "int8 dynamic (PyTorch: Linear layers only)"
+    rows = [["pmoe", dynamic, "80.0", "90.0 ± 1.0", "70.0", "60.0", "Fine-Pruning"],
+            ["pmoe", "fp32", "81.0", "91.0", "71.0", "61.0", "30 %"]]
+    layout = HtmlLayout(header=["Model", "Precision", ("fp32", "BA"), ("fp32", "ASR"), ("int4", "BA"), ("int4", "ASR"),
+                                "Note"],
+                        cell_abbreviations={dynamic: "int8_dynamic", "int4 weight-only (simulated)": "int4"},
+                        parts=[("fp32", [0, 1, 2, 3]), ("int4 and notes", [0, 1, 4, 5, 6])])
+    write_table(header, rows, "title", str(tmp_path / "t.md"), str(tmp_path / "t.tex"), str(tmp_path / "t.html"),
+                layout)
+    assert (tmp_path / "t.md").read_text() == markdown(header, rows, "title")  # the full names, one table
+    page = (tmp_path / "t.html").read_text()
+    tables = page.split("<table>")[1:]
+    assert len(tables) == 2 and '<p class="title">title</p>' in page
+    assert "<caption>fp32</caption>" in tables[0] and "<caption>int4 and notes</caption>" in tables[1]
+    # a group heading over its columns, the other columns spanning both header rows; the key columns in both
+    assert '<th colspan="2" class="span group">fp32</th>' in tables[0] and "int4" not in tables[0].split("<tbody>")[0]
+    assert tables[0].count('rowspan="2"') == 2 and tables[1].count('rowspan="2"') == 3
+    assert all(t.split("<tbody>")[1].count("<tr>") == len(rows) for t in tables)
+    # the abbreviated cell in the table, its full text in the glossary (only the abbreviations used)
+    assert ">int8_dynamic</td>" in page and f"<dfn>int8_dynamic</dfn>: {dynamic}" in page
+    assert "weight-only" not in page
+    # a hyphenated word and a number with its unit do not wrap
+    assert '<span class="nb">Fine-Pruning</span>' in page and "30&nbsp;%" in page
+    with pytest.raises(ValueError, match="2 labels for 7 columns"):
+        html_table(header, rows, "title", HtmlLayout(header=["a", "b"]))
 
 def test_frame_cells_formats_floats_and_missing_values():
     header, rows = frame_cells(pd.DataFrame({"a": ["x", "y"], "b": [1.23456, np.nan], "c": [1, 2]}))

@@ -1,4 +1,4 @@
-"""The quantization-blindspot table (issue 13, after Pandey & Ye, arXiv 2512.06243): five backdoor defenses on the
+"""The quantization-blindspot table (after Pandey & Ye, arXiv 2512.06243): five backdoor defenses on the
 models as deployed at each precision, beside the paper's claims, and a figure of the detection rate per precision.
 
 A defense "detects" an attacked model when its model-level decision flags it (Neural Cleanse, STRIP, Activation
@@ -17,7 +17,7 @@ import pandas as pd
 from .figures import _plt, _savefig
 from .io import read_json
 from .naming import parse_attack
-from .tables import num, pm, std, write_csv, write_table
+from .tables import HtmlLayout, num, pm, std, write_csv, write_table
 
 PRECISION_ORDER = ("fp32", "int8_dynamic", "int8", "int4")
 PRECISION_NOTES = {"int8_dynamic": "int8 dynamic (PyTorch: Linear layers only)", "int8": "int8 static W8A8",
@@ -141,8 +141,20 @@ def blindspot_table(defense_paths: Sequence[str], deployed_paths: Sequence[str],
              "positives; Target label flagged %: share of attacked models whose flagged labels include the attack's "
              "target (label-level defenses); mean ± std over seeds; ASR and BA of the undefended model at that "
              f"precision; the paper's claim for {paper_name} (INT8 = dynamic quantization) and whether ours agrees")
-    write_table(header, body, title, out_md, out_tex, out_html)
+    # the page names each precision as the figure does, its description in the glossary: written out in every row,
+    # the descriptions widen the table past a browser window
+    write_table(header, body, title, out_md, out_tex, out_html,
+                HtmlLayout(cell_abbreviations={note: p for p, note in PRECISION_NOTES.items()}))
     return summary
+
+
+def _detection_rates(g: pd.DataFrame, defense: str, precisions: Sequence[str]) -> pd.Series:
+    """The share (%) of the models in ``g`` that ``defense`` flags, per precision (in the order of ``precisions``);
+    every model counts once: each (trigger, rate) cell is weighted by its number of models."""
+    d = g[g.defense == defense]
+    rate = d.assign(w=d.detected_mean * d.models).groupby("precision").agg(w=("w", "sum"), n=("models", "sum"))
+    rate = rate.loc[[p for p in precisions if p in rate.index]]
+    return rate.w / rate.n
 
 
 def _rate_lines(ax, g: pd.DataFrame, precisions: Sequence[str], ylabel: str, defenses: Sequence[str]) -> None:
@@ -150,15 +162,12 @@ def _rate_lines(ax, g: pd.DataFrame, precisions: Sequence[str], ylabel: str, def
     marker and offset (its place in ``defenses``) in every panel."""
     pos = {p: i for i, p in enumerate(precisions)}
     for i, defense in enumerate(defenses):
-        d = g[g.defense == defense]
-        if d.empty:
+        rate = _detection_rates(g, defense, precisions)
+        if rate.empty:
             continue
-        # every model counts once: weight each (trigger, rate) cell by its number of models
-        rate = d.assign(w=d.detected_mean * d.models).groupby("precision").agg(w=("w", "sum"), n=("models", "sum"))
-        rate = rate.loc[[p for p in precisions if p in rate.index]]
         # equal rates (0 % and 100 % are common) would hide lines behind each other: offset each by <= 3 points
         shift = (i - (len(defenses) - 1) / 2) * min(1.5, 6.0 / max(1, len(defenses)))
-        ax.plot([pos[p] for p in rate.index], rate.w / rate.n + shift, marker=MARKERS[i % len(MARKERS)],
+        ax.plot([pos[p] for p in rate.index], rate + shift, marker=MARKERS[i % len(MARKERS)],
                 ls="-" if i < 10 else "--", color=f"C{i % 10}", label=defense)
     ax.set_xticks(range(len(precisions)), precisions)
     ax.set_ylim(-6, 106)
@@ -166,27 +175,65 @@ def _rate_lines(ax, g: pd.DataFrame, precisions: Sequence[str], ylabel: str, def
     ax.grid(alpha=0.4)
 
 
-def blindspot_figure(summary_csvs: Sequence[str], out_png: str) -> None:
-    """Per precision, one line per defense: the share of attacked models it detects (top row) and of clean models
-    it flags (bottom row, where clean models were analysed); one column per dataset and model."""
+def _rate_bars(ax, g: pd.DataFrame, precision: str, ylabel: str, defenses: Sequence[str]) -> None:
+    """At a single precision, lines would be single markers stacked at one x: one bar per defense instead, the
+    defenses side by side along the x axis, each bar labelled with its rate (a 0 % bar has no height to see);
+    a defense keeps its colour (its place in ``defenses``) in every panel."""
+    shown = []
+    for i, defense in enumerate(defenses):
+        rate = _detection_rates(g, defense, [precision])
+        if rate.empty:
+            continue
+        bars = ax.bar(len(shown), rate.iloc[0], width=0.7, color=f"C{i % 10}", label=defense)
+        ax.bar_label(bars, labels=[f"{rate.iloc[0]:.0f} %"], padding=2, fontsize=8)
+        shown.append(defense)
+    ax.set_xticks(range(len(shown)), shown, rotation=35, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_xlim(-0.6, max(len(shown), 1) - 0.4)
+    ax.set_xlabel(f"defense, on the models deployed at {precision}", fontsize=9)
+    ax.set_ylim(0, 112)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.4, axis="y")
+
+
+def draw_blindspot_figure(df: pd.DataFrame):
+    """The figure of :func:`blindspot_figure` from the summaries' rows, as a matplotlib Figure."""
     plt = _plt()
-    df = pd.concat([pd.read_csv(p) for p in summary_csvs], ignore_index=True)
     attacked, clean = df[df.trigger != "clean"], df[df.trigger == "clean"]
     panels = list(attacked.groupby(["dataset", "model"], sort=True))
-    rows = 2 if len(clean) else 1
-    fig, axes = plt.subplots(rows, max(1, len(panels)), squeeze=False, figsize=(5.5 * max(1, len(panels)), 4 * rows),
-                             layout="constrained")
     defenses = list(dict.fromkeys(df.defense))  # the summary's order (tables: DEFENSE_ORDER first)
+    rows, cols = 2 if len(clean) else 1, max(1, len(panels))
+    # bars (a panel with one precision) need room for a label per defense
+    single = all(g.precision.nunique() == 1 for _, g in panels)
+    width = max(5.5, 1.5 + 0.45 * len(defenses)) if single else 5.5
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(width * cols, 4 * rows + (1 if single else 0)),
+                             layout="constrained")
     for col, ((ds, model), g) in enumerate(panels):
         precisions = [p for p in PRECISION_ORDER if p in set(g.precision)]
-        _rate_lines(axes[0, col], g, precisions, "attacked models detected (%)", defenses)
-        axes[0, col].set_title(f"{ds} · {model} (lines offset ≤ 3 points to stay visible)", fontsize=10)
+        c = clean[(clean.dataset == ds) & (clean.model == model)]
+        if len(precisions) == 1:
+            _rate_bars(axes[0, col], g, precisions[0], "attacked models detected (%)", defenses)
+            axes[0, col].set_title(f"{ds} · {model}", fontsize=10)
+            if rows == 2:
+                _rate_bars(axes[1, col], c, precisions[0], "clean models flagged (%)", defenses)
+        else:
+            _rate_lines(axes[0, col], g, precisions, "attacked models detected (%)", defenses)
+            axes[0, col].set_title(f"{ds} · {model} (lines offset ≤ 3 points to stay visible)", fontsize=10)
+            if rows == 2:
+                _rate_lines(axes[1, col], c, precisions, "clean models flagged (%)", defenses)
         if rows == 2:
-            c = clean[(clean.dataset == ds) & (clean.model == model)]
-            _rate_lines(axes[1, col], c, precisions, "clean models flagged (%)", defenses)
             axes[1, col].set_title(f"{ds} · {model}: false positives", fontsize=10)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=9)
+    if not single:  # bars name their defense on the x axis; lines need the legend
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=9)
+    return fig
+
+
+def blindspot_figure(summary_csvs: Sequence[str], out_png: str) -> None:
+    """Per precision, one line per defense: the share of attacked models it detects (top row) and of clean models
+    it flags (bottom row, where clean models were analysed); one column per dataset and model. With a single
+    precision, one bar per defense."""
+    plt = _plt()
+    fig = draw_blindspot_figure(pd.concat([pd.read_csv(p) for p in summary_csvs], ignore_index=True))
     _savefig(fig, out_png)
     plt.close(fig)

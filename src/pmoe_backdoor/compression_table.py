@@ -1,4 +1,4 @@
-"""The "compression-activated backdoors" table (issue 12): one row per attack model, its BA / ASR as released
+"""The "compression-activated backdoors" table: one row per attack model, its BA / ASR as released
 (fp32) and as the victim compresses it, routing flips, Neural Cleanse on the released model, and a sentence saying
 what the row shows."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .io import read_json
-from .tables import num, write_csv, write_table
+from .tables import HtmlLayout, num, write_csv, write_table
 
 # ASR (%) at which a compressed model counts as backdoored, and at most which the released one counts as clean, for
 # the row's sentence only (the authors' claims: compressed ASR above 90 % with fp32 ASR at most 20 %)
@@ -117,5 +117,22 @@ def compression_table(eval_paths: Sequence[str], nc_paths: Sequence[str], clean_
              "routing positions that flip between fp32 and int8 on triggered test images; Neural Cleanse on the "
              "released model (largest anomaly index among small-mask classes; flags target: flagged class is the "
              "target). ROC-AUC of that index, attack vs clean models: " + "; ".join(aucs))
-    write_table(header, body, title, out_md, out_tex, out_html)
+    write_table(header, body, title, out_md, out_tex, out_html, _html_layout(header, rates))
     return df
+
+
+def _html_layout(header: Sequence[str], rates: Sequence[float]) -> HtmlLayout:
+    """The page: each model's BA and ASR under a heading per compression, and Fine-Pruning in a table of its own
+    (with three rates the table has some 30 columns, twice as wide as a browser window)."""
+    compressions = ["fp32", "int8-f", "int8-m", "int4"] + [f"FP{r:g}{tag}" for r in rates for tag in ("", "+FT")]
+    labels = header[:5] + [(c, metric) for c in compressions for metric in ("BA", "ASR")] \
+        + [("routing flip %", "int8-f"), ("routing flip %", "int8-m"), ("Neural Cleanse", "index"),
+           ("Neural Cleanse", "flags target"), header[-1]]
+    keys, fine_pruning = list(range(4)), list(range(13, 13 + 4 * len(rates)))
+    if not rates:
+        return HtmlLayout(header=labels)
+    released = [i for i in range(4, len(header)) if i not in fine_pruning]
+    return HtmlLayout(header=labels, parts=[
+        ("Released (fp32) and compressed", keys + released),
+        ("After Fine-Pruning at r % (FP r: pruning alone; FP r+FT: then fine-tuned on clean data)",
+         keys + fine_pruning)])

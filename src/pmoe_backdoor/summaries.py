@@ -13,7 +13,7 @@ import pandas as pd
 from .io import read_json
 from .naming import parse_attack
 from .quantize import DEPLOY_PRECISIONS
-from .tables import frame_cells, num, pm, std, write_csv, write_html, write_table
+from .tables import HtmlLayout, frame_cells, num, pm, std, write_csv, write_html, write_table
 
 
 def collect_runs(metric_paths: Sequence[str], out_csv: str, out_html: str | None = None) -> pd.DataFrame:
@@ -187,7 +187,17 @@ def precision_table(metric_paths: Sequence[str], out_csv: str, out_md: str, out_
              "per-tensor int8 weights and per-batch activations, every convolution fp32), mean ± std over seeds; "
              "routing Δ: % of top-k positions that differ from fp32 (triggered test images; clean images for clean "
              "models)")
-    write_table(header, body, title, out_md, out_tex, out_html)
+    # the page: precisions under a heading per quantity, and routing in a table of its own (with every precision,
+    # eleven mean ± std columns beside the six that identify a row do not fit a browser window)
+    changed = [p for p in precisions if p != "fp32"]
+    labels = header[:6] + [("ASR %", p) for p in precisions] + [("BA %", p) for p in precisions] \
+        + [("routing Δ %", p) for p in changed]
+    keys, outcomes = list(range(6)), list(range(6, 6 + 2 * len(precisions)))
+    parts = [("ASR and BA (%) at each precision", keys + outcomes)]
+    if changed:
+        parts.append(("routing Δ: % of top-k positions that differ from fp32 (triggered test images; clean images "
+                      "for clean models)", keys + list(range(6 + 2 * len(precisions), len(header)))))
+    write_table(header, body, title, out_md, out_tex, out_html, HtmlLayout(header=labels, parts=parts))
     return summary
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import read_json
-from ..tables import pm, write_csv, write_table
+from ..tables import HtmlLayout, pm, write_csv, write_table
 from .search import load_strategy
 from .slots import SLOT_NAMES
 
@@ -55,7 +55,8 @@ def merging_table(paths: Sequence[str], target: int, out_csv: str, out_md: str, 
              "seeds; victims: the mean over the set's fine-tuned models; ASR: the mean over the set's triggers; "
              "MSD (oracle): the candidate with the lowest ASR; MSD (selected): the defender's choice; "
              "selected = oracle: its ASR is the lowest")
-    write_table(header, body, title, out_md, out_tex, out_html)
+    labels = header[:4] + [(m, v) for m in METHODS for v in ("CACC", "ASR")] + header[-2:]
+    write_table(header, body, title, out_md, out_tex, out_html, HtmlLayout(header=labels))
     return summary
 
 
@@ -102,7 +103,8 @@ def merged_defense_table(paths: Sequence[str], out_csv: str, out_md: str, out_te
              "std over seeds; int8 / int4: simulated post-training quantization; pruned / fine-pruned r %: the "
              f"lowest r % of each expert's channels zeroed, then fine-tuned on the {fp['images']} held-out clean "
              "images only")
-    write_table(header, body, title, out_md, out_tex, out_html)
+    labels = header[:5] + [(m, v) for m in DEFENDED for v in ("CACC", "ASR")]
+    write_table(header, body, title, out_md, out_tex, out_html, HtmlLayout(header=labels))
     return summary
 
 
