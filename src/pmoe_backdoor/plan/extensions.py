@@ -1,0 +1,259 @@
+"""The plan of the studies beside the main one: routing analysis, merging (Li et al.), compression-activated
+backdoors (Tian et al.) and the quantization-blindspot table (Pandey & Ye). Mixed into :class:`Plan`; they read the
+main study's attributes (``self.config``, ``self.triggers``, ...)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from ..naming import CLEAN, attack_name, fmt_rate, parse_attack
+from .common import BLINDSPOT_DEFENSES, REPLICA_SEED_STEP, RESULTS, DefenseApplication, canonical, without
+
+
+class AnalysisPlan:
+
+    def analysis_classes(self, dataset: str) -> list[int]:
+        return self.analysis.get("classes_by_dataset", {}).get(dataset, self.analysis["classes"])
+
+    def analysis_trigger_files(self, dataset: str) -> list[str]:
+        return [self.trigger_path(dataset, t, self.analysis["seed"]) for t in self.triggers]
+
+    def analysis_models(self, wc: Any) -> dict[str, dict[str, str | None]]:
+        """The clean model and each trigger's model at the analysis rate, all at the analysis seed."""
+        seed, rate = self.analysis["seed"], fmt_rate(self.analysis["rate"])
+        base = f"{RESULTS}/{wc.dataset}/{wc.model}"
+        models: dict[str, dict[str, str | None]] = {
+            CLEAN: {"weights": f"{base}/clean/seed{seed}/weights.safetensors", "trigger": None}
+        }
+        for trig in self.triggers:
+            models[f"{trig} {rate} %"] = {
+                "weights": f"{base}/{attack_name(trig, rate)}/seed{seed}/weights.safetensors",
+                "trigger": self.trigger_path(wc.dataset, trig, seed),
+            }
+        return models
+
+    def fineprune_models(self, wc: Any) -> dict[str, dict[str, str]]:
+        """The backdoored model before Fine-Pruning and after it, at each pruning rate (first fine-tuning set), for
+        Fine-Pruning run analysis.seed; with model_per_rate 'fresh', each rate's own model before it."""
+        fp = self.fp
+        run, trig, rate = self.analysis["seed"], fp["triggers"][0], fmt_rate(fp["poison_rates"][0])
+        base = f"{RESULTS}/{wc.dataset}/{wc.model}/{attack_name(trig, rate)}"
+        fresh = fp["model_per_rate"] == "fresh"
+        models = {}
+        for j, p in enumerate(fp["prune_rates"]):
+            seed = self.fp_seed(run, j)
+            trigger = self.trigger_path(wc.dataset, trig, seed)
+            if j == 0 or fresh:
+                label = f"{trig} {rate} % before" + (f" (seed {seed})" if fresh else "")
+                models[label] = {"weights": f"{base}/seed{seed}/weights.safetensors", "trigger": trigger}
+            models[f"after FP {fmt_rate(p)} %"] = {
+                "weights": f"{base}/seed{seed}/fineprune/{fp['finetune_data'][0]}/{fmt_rate(p)}/weights.safetensors",
+                "trigger": trigger,
+            }
+        return models
+
+    @staticmethod
+    def model_files(models: Mapping[str, Mapping[str, str | None]]) -> list[str]:
+        return sorted({f for spec in models.values() for f in spec.values() if f})
+
+    def routing_stats_triggers(self, wc: Any) -> dict[str, str]:
+        """Square triggers to analyse: the run's own for a square attack, every square trigger for a clean run."""
+        names = self.square_triggers() if wc.attack == CLEAN else [parse_attack(wc.attack)[0]]
+        return {n: self.trigger_path(wc.dataset, n, wc.seed) for n in names}
+
+    def routing_stats_targets(self, dataset: str) -> list[str]:
+        attacks = [CLEAN] + [attack_name(t, r) for t in self.square_triggers() for r in self.rates]
+        return [f"{RESULTS}/{dataset}/{m}/{a}/seed{s}/routing_stats.json"
+                for m in self.routed_models() for a in attacks for s in self.seeds_for(a)]
+
+
+
+class MergingPlan:
+
+    def set_victims(self, name: str) -> list[tuple[str, str, int]]:
+        """The victims of a merging set in order, as (label, trigger or 'benign', replica): replica k of a trigger
+        is its (k+1)-th mention in the set."""
+        seen: dict[str, int] = {}
+        victims = []
+        for member in self.merge["sets"][name]:
+            replica = seen.get(member, 0)
+            seen[member] = replica + 1
+            victims.append((member if replica == 0 else f"{member}#{replica + 1}", member, replica))
+        return victims
+
+    @staticmethod
+    def victim_dir(dataset: str, model: str, victim: str, replica: int | str, seed: int | str) -> str:
+        return f"{RESULTS}/{dataset}/{model}/merging/victims/{victim}/r{replica}/seed{seed}"
+
+    @staticmethod
+    def victim_seed(wc: Any) -> int:
+        return int(wc.seed) + REPLICA_SEED_STEP * int(wc.replica)
+
+    def victim_poison(self, wc: Any) -> str:
+        """The victim's training set: clean for 'benign', else its trigger at merging.rate with its own seed."""
+        if wc.victim == "benign":
+            return f"{RESULTS}/{wc.dataset}/poison/clean.safetensors"
+        attack = attack_name(wc.victim, self.merge["rate"])
+        return f"{RESULTS}/{wc.dataset}/poison/{attack}/seed{self.victim_seed(wc)}.safetensors"
+
+    def victim_finetune(self) -> dict[str, Any]:
+        return without(self.merge.get("finetune", {}), ["pack"])
+
+    def set_victim_weights(self, wc: Any) -> list[str]:
+        return [f"{self.victim_dir(wc.dataset, wc.model, trig, rep, wc.seed)}/weights.safetensors"
+                for _, trig, rep in self.set_victims(wc.set)]
+
+    def set_triggers(self, wc: Any) -> dict[str, str]:
+        """Each poisoned victim's trigger, by victim label (the merged models' ASR is measured for each)."""
+        return {
+            label: self.trigger_path(wc.dataset, trig, int(wc.seed) + REPLICA_SEED_STEP * rep)
+            for label, trig, rep in self.set_victims(wc.set)
+            if trig != "benign"
+        }
+
+    @staticmethod
+    def strategy_file(n: int, coupling: str) -> str:
+        return f"{RESULTS}/merging/strategies/n{n}_{coupling}.json"
+
+    def set_strategy(self, wc: Any) -> str:
+        return self.strategy_file(len(self.merge["sets"][wc.set]), wc.coupling)
+
+    def defended_sets(self) -> list[str]:
+        """The sets whose merged models defend_merged deploys and Fine-Prunes (merging.defended_sets, else all)."""
+        if not self.merge["enabled"]:
+            return []
+        return list(self.merge.get("defended_sets", self.merge["sets"]))
+
+    def merging_results(self, dataset: str, result: str = "selection.json", sets: Iterable[str] | None = None
+                        ) -> list[str]:
+        """One result file (select_candidate's, or defend_merged's merged_defense.json) per set, seed, coupling."""
+        merge = self.merge
+        return [
+            f"{RESULTS}/{dataset}/{merge['model']}/merging/{name}/seed{s}/{c}/{result}"
+            for name in (merge["sets"] if sets is None else sets)
+            for s in range(merge["seeds"])
+            for c in merge["couplings"]
+        ]
+
+    def merging_strategies(self) -> list[tuple[int, str]]:
+        """(number of models, coupling) of every MSD strategy the merging sets need (none when merging is off)."""
+        if not self.merge["enabled"]:
+            return []
+        return sorted({(len(m), c) for m in self.merge["sets"].values() for c in self.merge["couplings"]})
+
+    def defend_merged_params(self) -> dict[str, Any]:
+        fp = self.fp
+        return {
+            # fp32 alone when no deployment precision is configured: the reference the Fine-Pruning rows compare to
+            "precisions": self.deploy["precisions"] or ["fp32"],
+            "prune_rates": fp["prune_rates"] if fp["enabled"] else [],
+            "fine_pruning": canonical({k: fp[k] for k in ("epochs", "lr", "mask")}) if fp["enabled"] else {},
+            "train": self.finetune_recipe(quiet=True),
+        }
+
+
+
+class CompressionPlan:
+    # An attack model lives at {dataset}/{model}/compression/{variant}-{target}/seed{seed}: the `attack` wildcard is
+    # "<variant>-<target label>", so the Neural Cleanse job script (which names runs by that wildcard) serves it too.
+
+    @staticmethod
+    def compression_dir(dataset: str, model: str, attack: str, seed: int | str) -> str:
+        return f"{RESULTS}/{dataset}/{model}/compression/{attack}/seed{seed}"
+
+    @staticmethod
+    def compression_target(wc: Any) -> int:
+        """The target label of an attack model, from its `attack` wildcard "<variant>-<target>"."""
+        return int(wc.attack.rsplit("-", 1)[1])
+
+    def compression_train_params(self, wc: Any) -> dict[str, Any]:
+        """The attack recipe of one model: the train block, its variant, the pruning keys, the dataset's lr drop."""
+        variant = wc.attack.rsplit("-", 1)[0]
+        prune = self.compress["prune"]
+        cfg = dict(self.compress["train"], variant=variant)
+        for key, name in (("rate", "prune_rate"), ("lower", "prune_lower"), ("upper", "prune_upper"),
+                          ("alpha", "alpha")):
+            if prune.get(key) is not None:
+                cfg[name] = prune[key]
+        by_dataset = self.compress.get("lr_drop_epoch_by_dataset", {})
+        if wc.dataset in by_dataset:
+            cfg["lr_drop_epoch"] = by_dataset[wc.dataset]
+        return canonical(cfg)
+
+    def compression_max_fp32_asr(self, wc: Any) -> float:
+        return self.compress.get("max_fp32_asr_by_dataset", {}).get(wc.dataset, self.compress["max_fp32_asr"])
+
+    def compression_runs(self, dataset: str) -> list[tuple[str, str, int]]:
+        """(model, attack wildcard, seed) of every attack model of a dataset."""
+        c = self.compress
+        if not c["enabled"] or dataset not in c["datasets"]:
+            return []
+        targets = c.get("targets_by_dataset", {}).get(dataset, c["targets"])
+        return [(c["model"], f"{v}-{t}", s) for v in c["variants"] for t in targets for s in range(c["seeds"])]
+
+    def compression_eval_targets(self, dataset: str) -> list[str]:
+        return [f"{self.compression_dir(dataset, m, a, s)}/evaluation.json"
+                for m, a, s in self.compression_runs(dataset)]
+
+    def compression_nc_targets(self, dataset: str) -> list[str]:
+        """Neural Cleanse on each released (fp32) attack model, when the neural_cleanse block is enabled."""
+        if not self.nc["enabled"]:
+            return []
+        return [f"{self.compression_dir(dataset, m, a, s)}/neural_cleanse/fp32.json"
+                for m, a, s in self.compression_runs(dataset)]
+
+    def compression_clean_nc(self, dataset: str) -> list[str]:
+        """The clean models' fp32 Neural Cleanse summaries (the negatives of the ROC-AUC), when the study has them:
+        those of the detection table and, when the blindspot table runs Neural Cleanse at fp32, its clean seeds."""
+        if not self.nc["enabled"] or "fp32" not in self.nc["precisions"]:
+            return []
+        runs = {run for run, attack, _ in self.nc_runs(dataset) if attack == CLEAN}
+        if "fp32" in self.blind.get("precisions", []):
+            runs |= {run for run, attack in self.blindspot_runs(dataset) if attack == CLEAN}
+        return [f"{run}/neural_cleanse/fp32.json" for run in sorted(runs)]
+
+
+
+class BlindspotPlan:
+
+    def blindspot_triggers(self) -> list[str]:
+        return self.blind.get("triggers") or self.triggers
+
+    def blindspot_runs(self, dataset: str) -> list[tuple[str, str]]:
+        """(run directory, attack) of every model the data- and input-level defenses examine."""
+        if not self.blind["enabled"]:
+            return []
+        attacks = [CLEAN] + [attack_name(t, r) for t in self.blindspot_triggers() for r in self.blind["rates"]]
+        return [
+            (f"{RESULTS}/{dataset}/{m}/{a}/seed{s}", a)
+            for m in self.models
+            for a in attacks
+            for s in self.seeds_for(a)[: self.blind["seeds"]]
+        ]
+
+    def defense_applications(self, dataset: str) -> list[DefenseApplication]:
+        """Every defense of the blindspot table on every model it examines at every precision (Neural Cleanse at
+        the precisions both its block and the blindspot block name)."""
+        runs = self.blindspot_runs(dataset)
+        apps = [DefenseApplication(d, run, attack, p)
+                for run, attack in runs for d in BLINDSPOT_DEFENSES for p in self.blind["precisions"]]
+        if self.nc["enabled"]:
+            precisions = [p for p in self.nc["precisions"] if p in self.blind["precisions"]]
+            apps += [DefenseApplication("neural_cleanse", run, attack, p) for run, attack in runs for p in precisions]
+        return apps
+
+    def strip_triggers(self, wc: Any) -> dict[str, str]:
+        """The run's own trigger; for a clean model every analysed trigger of its seed (its false positives)."""
+        names = self.blindspot_triggers() if wc.attack == CLEAN else [parse_attack(wc.attack)[0]]
+        return {n: self.trigger_path(wc.dataset, n, wc.seed) for n in names}
+
+    def blindspot_inputs(self, dataset: str) -> dict[str, list[str]]:
+        """Every defense summary of the table (Neural Cleanse's included), the deployed runs' ASR/BA, and the
+        Fine-Pruned models as deployed."""
+        runs = {run for run, _ in self.blindspot_runs(dataset)}
+        return {
+            "defenses": [app.path for app in self.defense_applications(dataset)],
+            "deployed": [f"{run}/deployed.json" for run in sorted(runs)] if self.deploy["precisions"] else [],
+            "fine_pruned": [t for t in self.deploy_targets(dataset) if "/fineprune/" in t],
+        }
+
