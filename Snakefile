@@ -54,3 +54,15 @@ rule all:
     input:
         plan.all_targets(),
     default_target: True
+
+
+# before the first job (onstart: never in a dry run): on a CPU, how long the trainings about to run take here, and
+# the CPU study's command when that is long; it stops nothing (pmoe_backdoor.cpu_estimate)
+onstart:
+    from snakemake.logging import logger
+
+    from pmoe_backdoor.cpu_estimate import workflow_warning
+
+    message = workflow_warning(workflow, config, plan.dataset_spec, f"{RESULTS}/data")
+    if message:
+        logger.warning(message)
