@@ -21,13 +21,13 @@ import torch
 import yaml
 from _common import parser, setup
 
-from pmoe_backdoor.data import load_npz
+from pmoe_backdoor.attacks.poison import asr_set, make_poison
+from pmoe_backdoor.attacks.triggers import BLEND_PATTERNS, make_trigger
+from pmoe_backdoor.data.datasets import load_npz
 from pmoe_backdoor.evaluate import evaluate
-from pmoe_backdoor.models import build_model
-from pmoe_backdoor.poison import asr_set, make_poison
+from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.runtime import derived_seed, resolve_device, seed_everything
-from pmoe_backdoor.train import TrainConfig, fit
-from pmoe_backdoor.triggers import BLEND_PATTERNS, make_trigger
+from pmoe_backdoor.training.loop import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from _common import parser, setup, timed
 
-from pmoe_backdoor.models import build_model
+from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.runtime import to_input
 
 

@@ -63,7 +63,7 @@ def main() -> None:
         sys.path.insert(0, args.src)
     import pmoe_backdoor.evaluate as evaluate
     from pmoe_backdoor.evaluate import predict_logits
-    from pmoe_backdoor.models import build_model
+    from pmoe_backdoor.models.architectures import build_model
     from pmoe_backdoor.runtime import autocast, effective_precision, to_input
 
     if args.cpu_chunk:

@@ -4,9 +4,10 @@
         --trigger results/cifar10/triggers/square/seed0.safetensors --threads 1
     .venv/bin/python benchmarks/int8_backend.py --widen 10 --test-images 200     # an untrained model, see below
 
-For one model: the fp32 model, the ``int8`` simulation (:func:`pmoe_backdoor.quantize.quantize_model`), the same
-quantization on oneDNN's int8 kernels (:func:`pmoe_backdoor.int8_backend.int8_model`, sharing the simulation's
-calibration), ``int8_dynamic`` simulated, and PyTorch's own ``quantize_dynamic`` (when ``torch.ao`` still has it).
+For one model: the fp32 model, the ``int8`` simulation (:func:`pmoe_backdoor.deployment.quantize.quantize_model`),
+the same quantization on oneDNN's int8 kernels (:func:`pmoe_backdoor.deployment.int8_backend.int8_model`, sharing the
+simulation's calibration), ``int8_dynamic`` simulated, and PyTorch's own ``quantize_dynamic`` (when ``torch.ao``
+still has it).
 Prints the share of clean test images (and of triggered non-target ones, with ``--trigger``) on which each agrees
 with the simulation and with fp32, BA / ASR (%), the share of top-k routing positions that differ from the
 simulation, and milliseconds per image at ``--batch`` (best of three).
@@ -26,15 +27,15 @@ import torch
 import torch.nn as nn
 from _common import parser, setup, timed
 
-from pmoe_backdoor.checkpoint import load_model
-from pmoe_backdoor.data import load_npz
-from pmoe_backdoor.inference_model import fold_batchnorms
-from pmoe_backdoor.int8_backend import int8_model
-from pmoe_backdoor.models import build_model
-from pmoe_backdoor.poison import asr_set
-from pmoe_backdoor.quantize import activation_ranges, quantize_model, routing_change
+from pmoe_backdoor.attacks.poison import asr_set
+from pmoe_backdoor.attacks.triggers import load_trigger
+from pmoe_backdoor.data.datasets import load_npz
+from pmoe_backdoor.deployment.int8_backend import int8_model
+from pmoe_backdoor.deployment.quantize import activation_ranges, quantize_model, routing_change
+from pmoe_backdoor.models.architectures import build_model
+from pmoe_backdoor.models.checkpoint import load_model
+from pmoe_backdoor.models.inference import fold_batchnorms
 from pmoe_backdoor.runtime import derived_seed, to_input
-from pmoe_backdoor.triggers import load_trigger
 
 
 def _recalibrated(widen: int, num_classes: int, seed: int, images: torch.Tensor) -> nn.Module:

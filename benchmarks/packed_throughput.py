@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from _common import parser, setup, timed
 
-from pmoe_backdoor.models import MODEL_NAMES, build_model
-from pmoe_backdoor.packed import fit_packed
-from pmoe_backdoor.packed_model import (
+from pmoe_backdoor.models.architectures import MODEL_NAMES, build_model
+from pmoe_backdoor.models.packed import (
     PACK_MODES,
     PackedModels,
     packed_forward,
@@ -44,7 +43,8 @@ from pmoe_backdoor.packed_model import (
     packed_step,
 )
 from pmoe_backdoor.runtime import autocast, effective_precision, resolve_device, to_input
-from pmoe_backdoor.train import TrainConfig, fit
+from pmoe_backdoor.training.loop import TrainConfig, fit
+from pmoe_backdoor.training.packed import fit_packed
 
 
 def say(msg: str) -> None:

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/train_throughput.py --widths 2 --steps 20
 
 For each width and precision it measures (a) the bare training step (forward, backward, SGD update on one
-resident batch) and (b) a whole training epoch through ``pmoe_backdoor.train.fit`` (data path, shuffling,
+resident batch) and (b) a whole training epoch through ``pmoe_backdoor.training.loop.fit`` (data path, shuffling,
 per-epoch evaluation on a test set, logging), and prints images/s, FLOP/s, the fraction of the matmul peak of
 the same precision measured in the same run, and the fit/bare ratio.
 """
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from _common import matmul_peak, parser, setup, timed
 from torch.utils.flop_counter import FlopCounterMode
 
-from pmoe_backdoor.models import build_model
+from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.runtime import autocast, effective_precision, to_input
-from pmoe_backdoor.train import TrainConfig, fit
+from pmoe_backdoor.training.loop import TrainConfig, fit
 
 
 def step_flops(model, x, y) -> int:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from _common import parser, setup, timed
 
-from pmoe_backdoor.poison import make_poison
-from pmoe_backdoor.triggers import make_trigger
+from pmoe_backdoor.attacks.poison import make_poison
+from pmoe_backdoor.attacks.triggers import make_trigger
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-from pmoe_backdoor.configpage import configfile_texts
+from pmoe_backdoor.reporting.configpage import configfile_texts
 
 
 rule aggregate_runs:

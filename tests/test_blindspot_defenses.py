@@ -11,18 +11,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmoe_backdoor.activation_clustering import (
+from pmoe_backdoor.data.datasets import make_synthetic
+from pmoe_backdoor.defenses.activation_clustering import (
     activation_clustering,
     penultimate_features,
     precision_recall,
     silhouette,
     two_means,
 )
-from pmoe_backdoor.data import make_synthetic
-from pmoe_backdoor.neural_cleanse import CostSchedule, NCConfig, neural_cleanse
+from pmoe_backdoor.defenses.neural_cleanse import CostSchedule, NCConfig, neural_cleanse
+from pmoe_backdoor.defenses.spectral_signatures import removal_count, spectral_scores, spectral_signatures
+from pmoe_backdoor.defenses.strip import strip_defense, strip_rates, strip_threshold, superimpose
 from pmoe_backdoor.runtime import to_input
-from pmoe_backdoor.spectral_signatures import removal_count, spectral_scores, spectral_signatures
-from pmoe_backdoor.strip import strip_defense, strip_rates, strip_threshold, superimpose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,7 +242,7 @@ def test_fast_schedule_is_the_former_default():
 def test_blindspot_table_rates_and_claims(tmp_path):
     import json
 
-    from pmoe_backdoor.blindspot import blindspot_table
+    from pmoe_backdoor.reporting.blindspot import blindspot_table
 
     def write(name, obj):
         (tmp_path / name).write_text(json.dumps(obj))
@@ -316,7 +316,7 @@ def _defense_x(ax) -> dict[str, list[float]]:
 def test_blindspot_figure_sets_the_defenses_apart_at_a_single_precision():
     import matplotlib.pyplot as plt
 
-    from pmoe_backdoor.blindspot import draw_blindspot_figure
+    from pmoe_backdoor.reporting.blindspot import draw_blindspot_figure
 
     fig = draw_blindspot_figure(_summary(["int8"]))
     attacked, clean = fig.axes

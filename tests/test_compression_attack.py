@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmoe_backdoor.compression_attack import (
+from pmoe_backdoor.attacks.compression import (
     AttackConfig,
     choose_checkpoint,
     prune_attack_loss,
@@ -18,15 +18,15 @@ from pmoe_backdoor.compression_attack import (
     quant_attack_loss,
     unknown_rates,
 )
-from pmoe_backdoor.fakequant import (
+from pmoe_backdoor.attacks.fakequant import (
     deploy_faithful,
     fake_quant_activation,
     fake_quant_weight,
     quantize_weight_per_tensor,
 )
-from pmoe_backdoor.fineprune import channels_to_prune, expert_channel_means, prune_experts
-from pmoe_backdoor.models import build_model
-from pmoe_backdoor.quantize import quantize_weight_per_tensor as deployer_per_tensor
+from pmoe_backdoor.defenses.fine_pruning import channels_to_prune, expert_channel_means, prune_experts
+from pmoe_backdoor.deployment.quantize import quantize_weight_per_tensor as deployer_per_tensor
+from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.runtime import to_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # two torch threads contend on the shared 2-core machine
@@ -203,9 +203,9 @@ def test_deploy_faithful_puts_each_weight_on_its_per_tensor_grid():
 
 def _tiny_attack_setup():
     """32 synthetic 4-class images, the authors' 6x6 trigger (target 0), its ASR set and a seeded widen-1 pmoe."""
-    from pmoe_backdoor.data import make_synthetic
-    from pmoe_backdoor.poison import asr_set
-    from pmoe_backdoor.triggers import make_trigger
+    from pmoe_backdoor.attacks.poison import asr_set
+    from pmoe_backdoor.attacks.triggers import make_trigger
+    from pmoe_backdoor.data.datasets import make_synthetic
 
     ds = make_synthetic(4, 32, 8, seed=0)
     x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
@@ -224,7 +224,7 @@ def test_pruning_activated_backdoor_is_learned_on_a_tiny_model():
     stays clean. Fragile at this size: seed 0 gives 71 % pruned ASR, seeds 1 and 2 did not separate (0 %) in 60
     epochs, hence the pinned seed. (Before the compressed passes stopped updating the BN running statistics,
     seeds 0-2 reached 88 / 67 / 100 % in 50 epochs: those statistics then came from the last pruned pass.)"""
-    from pmoe_backdoor.compression_attack import fit_compression_attack
+    from pmoe_backdoor.attacks.compression import fit_compression_attack
     from pmoe_backdoor.evaluate import evaluate
 
     x, y, trigger, x_asr, model = _tiny_attack_setup()
@@ -252,7 +252,7 @@ def test_quantisation_activated_backdoor_is_learned_on_a_tiny_model():
     100 %, int8 8 % (seed 0; 300 such steps at int8 did not separate either), so at int8 a few dozen steps are not
     enough (the authors train 35 epochs of full CIFAR-10). The separation grows in the low-lr phase. Seed 0 is
     pinned. The deployed copy is deploy_faithful's, not the training's fake-quantised forward."""
-    from pmoe_backdoor.compression_attack import fit_compression_attack
+    from pmoe_backdoor.attacks.compression import fit_compression_attack
     from pmoe_backdoor.evaluate import evaluate
 
     x, y, trigger, x_asr, model = _tiny_attack_setup()
@@ -271,8 +271,8 @@ def test_quantisation_activated_backdoor_is_learned_on_a_tiny_model():
 def test_fit_is_seeded_keeps_every_epoch_and_logs_progress():
     import io
 
-    from pmoe_backdoor.compression_attack import fit_compression_attack
-    from pmoe_backdoor.triggers import SquareTrigger
+    from pmoe_backdoor.attacks.compression import fit_compression_attack
+    from pmoe_backdoor.attacks.triggers import SquareTrigger
 
     x = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     y = torch.arange(40) % 4
@@ -294,7 +294,7 @@ def test_fit_is_seeded_keeps_every_epoch_and_logs_progress():
 
 
 def test_the_issues_trigger_is_a_configured_square_and_the_default_is_unchanged():
-    from pmoe_backdoor.triggers import SquareTrigger, make_trigger
+    from pmoe_backdoor.attacks.triggers import SquareTrigger, make_trigger
 
     x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     out = make_trigger("square", {"size": 6, "value": 255, "row": 24, "col": 24}).apply(x)
@@ -305,7 +305,7 @@ def test_the_issues_trigger_is_a_configured_square_and_the_default_is_unchanged(
 
 @pytest.mark.parametrize("variant", ["faithful", "prune"])
 def test_compressed_passes_leave_the_bn_running_statistics_to_the_float_pass(variant):
-    from pmoe_backdoor.compression_attack import quant_attack_loss as quant_loss
+    from pmoe_backdoor.attacks.compression import quant_attack_loss as quant_loss
 
     x, x_trig = torch.randint(0, 256, (2, 6, 32, 32, 3), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 0, 1, 2])

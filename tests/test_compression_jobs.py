@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from pmoe_backdoor.checkpoint import load_model
-from pmoe_backdoor.compression_table import compression_table, roc_auc, row_sentence
+from pmoe_backdoor.attacks.triggers import SquareTrigger, load_trigger
 from pmoe_backdoor.io import read_json
 from pmoe_backdoor.jobs.common import RunId
 from pmoe_backdoor.jobs.compression import compression_attack_job, compression_eval_job
 from pmoe_backdoor.jobs.data import prepare_data
 from pmoe_backdoor.jobs.deploy import neural_cleanse_job
-from pmoe_backdoor.triggers import SquareTrigger, load_trigger
+from pmoe_backdoor.models.checkpoint import load_model
+from pmoe_backdoor.reporting.compression import compression_table, roc_auc, row_sentence
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # two torch threads contend on the shared 2-core machine
 

@@ -1,5 +1,5 @@
-"""Tests of pmoe_backdoor.data: canonical arrays, npz validation, subsets, torchvision sources, image folders;
-and of pmoe_backdoor.datafiles: content digests and config-relative paths."""
+"""Tests of pmoe_backdoor.data.datasets: canonical arrays, npz validation, subsets, torchvision sources, image folders;
+and of pmoe_backdoor.data.files: content digests and config-relative paths."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pmoe_backdoor.data import (
+from pmoe_backdoor.data.datasets import (
     GTSRB_CLASSES,
     Dataset,
     DatasetError,
@@ -19,7 +19,7 @@ from pmoe_backdoor.data import (
     make_synthetic,
     stratified_subset,
 )
-from pmoe_backdoor.datafiles import (
+from pmoe_backdoor.data.files import (
     defining_layer,
     file_digest,
     folder_digest,
@@ -27,8 +27,8 @@ from pmoe_backdoor.datafiles import (
     scan_image_folder,
     source_digest,
 )
-from pmoe_backdoor.imagefolder import load_image_folder
-from pmoe_backdoor.sources import load_source
+from pmoe_backdoor.data.imagefolder import load_image_folder
+from pmoe_backdoor.data.sources import load_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -380,7 +380,7 @@ def test_load_torchvision_unknown_name(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# content digests and config-relative paths (pmoe_backdoor.datafiles)
+# content digests and config-relative paths (pmoe_backdoor.data.files)
 # ----------------------------------------------------------------------------------------------------------
 
 def _replace_keeping_mtime(path: Path, content: bytes) -> None:

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pmoe_backdoor.checkpoint import load_model, model_from_spec, save_model
+from pmoe_backdoor.attacks.poison import PoisonRecord
+from pmoe_backdoor.attacks.triggers import BlendTrigger, SquareTrigger, load_trigger
 from pmoe_backdoor.io import load_tensors, save_tensors
-from pmoe_backdoor.poison import PoisonRecord
-from pmoe_backdoor.triggers import BlendTrigger, SquareTrigger, load_trigger
+from pmoe_backdoor.models.checkpoint import load_model, model_from_spec, save_model
 
 SPEC = {"arch": "wrn", "widen_factor": 1}
 

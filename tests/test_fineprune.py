@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.fineprune and jobs.defense.fineprune_data against spec section 5 (Fine-Pruning)."""
+"""Tests of defenses.fine_pruning and jobs.defense.fineprune_data against spec section 5 (Fine-Pruning)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pmoe_backdoor.fineprune import channels_to_prune, expert_channel_means, prune_experts, remove_masks
+from pmoe_backdoor.attacks.poison import make_poison
+from pmoe_backdoor.attacks.triggers import make_trigger
+from pmoe_backdoor.defenses.fine_pruning import channels_to_prune, expert_channel_means, prune_experts, remove_masks
 from pmoe_backdoor.jobs.defense import fineprune_data
-from pmoe_backdoor.models import build_model
-from pmoe_backdoor.poison import make_poison
+from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.runtime import to_input
-from pmoe_backdoor.triggers import make_trigger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from pmoe_backdoor import evaluate
 from pmoe_backdoor.evaluate import cpu_forward_batch, predict_logits
-from pmoe_backdoor.inference_model import SparseExpertPool, fold_batchnorms
-from pmoe_backdoor.models import build_model
+from pmoe_backdoor.models.architectures import build_model
+from pmoe_backdoor.models.inference import SparseExpertPool, fold_batchnorms
 from pmoe_backdoor.runtime import cpu_has_bf16, to_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.int8_backend: the int8 deployment on oneDNN's integer kernels against its simulation."""
+"""Tests of deployment.int8_backend: the int8 deployment on oneDNN's integer kernels against its simulation."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmoe_backdoor.data import make_synthetic
-from pmoe_backdoor.evaluate import predict_logits
-from pmoe_backdoor.int8_backend import Int8Layer, int8_kernels_available, int8_model
-from pmoe_backdoor.models import TFSamePadConv, build_model
-from pmoe_backdoor.poison import asr_set, make_poison
-from pmoe_backdoor.quantize import (
+from pmoe_backdoor.attacks.poison import asr_set, make_poison
+from pmoe_backdoor.attacks.triggers import make_trigger
+from pmoe_backdoor.data.datasets import make_synthetic
+from pmoe_backdoor.deployment.int8_backend import Int8Layer, int8_kernels_available, int8_model
+from pmoe_backdoor.deployment.quantize import (
     STATIC_ACT_QMAX,
     activation_qparams,
     activation_ranges,
@@ -20,9 +19,10 @@ from pmoe_backdoor.quantize import (
     quantize_model,
     quantize_weight,
 )
+from pmoe_backdoor.evaluate import predict_logits
+from pmoe_backdoor.models.architectures import TFSamePadConv, build_model
 from pmoe_backdoor.runtime import seed_everything, to_input
-from pmoe_backdoor.train import TrainConfig, fit
-from pmoe_backdoor.triggers import make_trigger
+from pmoe_backdoor.training.loop import TrainConfig, fit
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not int8_kernels_available(), reason="no oneDNN int8 kernels in this build")]

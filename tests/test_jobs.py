@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pmoe_backdoor.checkpoint import load_model
+from pmoe_backdoor.attacks.poison import PoisonRecord
 from pmoe_backdoor.jobs.analysis import routing_maps_job, routing_stats_job, trigger_examples_job
 from pmoe_backdoor.jobs.common import JobData, RunId
 from pmoe_backdoor.jobs.data import prepare_data
@@ -19,7 +19,7 @@ from pmoe_backdoor.jobs.deploy import deploy_eval_job, neural_cleanse_job
 from pmoe_backdoor.jobs.evaluate import evaluate_job
 from pmoe_backdoor.jobs.poison import clean_record_file, make_poison_file, make_trigger_file, trigger_seed
 from pmoe_backdoor.jobs.train import train_job
-from pmoe_backdoor.poison import PoisonRecord
+from pmoe_backdoor.models.checkpoint import load_model
 
 MODEL = {"arch": "pmoe", "widen_factor": 1, "num_experts": 4, "top_k": 16, "bn_momentum": 0.1}
 TRAIN = {"epochs": 1, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "progress_seconds": 0}
@@ -207,8 +207,8 @@ def test_merging_jobs_from_victims_to_table(study, tmp_path, monkeypatch):
     assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
 
     # defend_merged: WAG and the chosen candidate deployed and Fine-Pruned, fine-tuned on the held-out images only
-    import pmoe_backdoor.merging.defend as defend
-    from pmoe_backdoor.merging import holdout_split
+    import pmoe_backdoor.defenses.merging.defend as defend
+    from pmoe_backdoor.defenses.merging import holdout_split
 
     seen, real_fit = [], defend.fit
 

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.merging: WAG, the 17 MSD slots, the fitness, the search, candidates and selection."""
+"""Tests of pmoe_backdoor.defenses.merging: WAG, the 17 MSD slots, the fitness, the search, candidates and selection."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pmoe_backdoor.data import make_synthetic
+from pmoe_backdoor.attacks.poison import asr_set, make_poison
+from pmoe_backdoor.attacks.triggers import make_trigger
+from pmoe_backdoor.data.datasets import make_synthetic
+from pmoe_backdoor.defenses.merging import fitness as fit_mod
+from pmoe_backdoor.defenses.merging import search, slots
+from pmoe_backdoor.defenses.merging.finetune import finetune_config, finetune_copy
+from pmoe_backdoor.defenses.merging.merge import candidate_assignments, merge_by_strategy, wag_merge
+from pmoe_backdoor.defenses.merging.selection import InversionConfig, holdout_split, select_candidate, suspect_class
 from pmoe_backdoor.evaluate import evaluate
-from pmoe_backdoor.merging import fitness as fit_mod
-from pmoe_backdoor.merging import search, slots
-from pmoe_backdoor.merging.finetune import finetune_config, finetune_copy
-from pmoe_backdoor.merging.merge import candidate_assignments, merge_by_strategy, wag_merge
-from pmoe_backdoor.merging.selection import InversionConfig, holdout_split, select_candidate, suspect_class
-from pmoe_backdoor.models import build_model
-from pmoe_backdoor.poison import asr_set, make_poison
-from pmoe_backdoor.triggers import make_trigger
+from pmoe_backdoor.models.architectures import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -301,7 +301,7 @@ def test_select_candidate_record():
 
 
 def test_fine_pruning_a_merged_model_keeps_masked_channels_at_zero_and_the_model_untouched():
-    from pmoe_backdoor.merging.defend import Scorer, at_precisions, check_defense_config, fine_prune_merged
+    from pmoe_backdoor.defenses.merging.defend import Scorer, at_precisions, check_defense_config, fine_prune_merged
 
     model = _pmoe(0)
     before = copy.deepcopy(model.state_dict())

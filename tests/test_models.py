@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.models against the facts of spec section 1."""
+"""Tests of pmoe_backdoor.models.architectures against the facts of spec section 1."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmoe_backdoor.models import (
+from pmoe_backdoor.models.architectures import (
     BN_EPS,
     PatchMoE,
     TFSamePadConv,

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.neural_cleanse: the outlier statistic, the detection rule and the reverse engineering."""
+"""Tests of defenses.neural_cleanse: the outlier statistic, the detection rule and the reverse engineering."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pmoe_backdoor.neural_cleanse import NCConfig, anomaly_indices, detect, reverse_engineer
+from pmoe_backdoor.defenses.neural_cleanse import NCConfig, anomaly_indices, detect, reverse_engineer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,19 +1,19 @@
-"""Packed training (pmoe_backdoor.packed): K models in one batched computation equal K separate fit() runs."""
+"""Packed training (pmoe_backdoor.training.packed): K models in one batched computation equal K separate fit() runs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pmoe_backdoor import packed_model
-from pmoe_backdoor.data import make_synthetic
-from pmoe_backdoor.models import build_model
-from pmoe_backdoor.packed import fit_packed
-from pmoe_backdoor.packed_model import packed_memory_estimate
-from pmoe_backdoor.poison import make_poison
+from pmoe_backdoor.attacks.poison import make_poison
+from pmoe_backdoor.attacks.triggers import make_trigger
+from pmoe_backdoor.data.datasets import make_synthetic
+from pmoe_backdoor.models import packed as packed_model
+from pmoe_backdoor.models.architectures import build_model
+from pmoe_backdoor.models.packed import packed_memory_estimate
 from pmoe_backdoor.runtime import seed_everything
-from pmoe_backdoor.train import Probe, TrainConfig, fit
-from pmoe_backdoor.triggers import make_trigger
+from pmoe_backdoor.training.loop import Probe, TrainConfig, fit
+from pmoe_backdoor.training.packed import fit_packed
 
 CPU = torch.device("cpu")
 K = 3

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.poison against spec sections 4.4 and 4.5."""
+"""Tests of pmoe_backdoor.attacks.poison against spec sections 4.4 and 4.5."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pmoe_backdoor.poison import PoisonRecord, asr_set, choose_poison_indices, make_poison, num_poisoned
-from pmoe_backdoor.triggers import make_trigger
+from pmoe_backdoor.attacks.poison import PoisonRecord, asr_set, choose_poison_indices, make_poison, num_poisoned
+from pmoe_backdoor.attacks.triggers import make_trigger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.quantize: the int8 (W8A8), int8_dynamic and int4 (weight-only) fake quantization."""
+"""Tests of deployment.quantize: the int8 (W8A8), int8_dynamic and int4 (weight-only) fake quantization."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pmoe_backdoor.models import build_model
-from pmoe_backdoor.quantize import (
+from pmoe_backdoor.deployment.quantize import (
     activation_qparams,
     activation_ranges,
     quantize_model,
@@ -18,6 +17,7 @@ from pmoe_backdoor.quantize import (
     quantize_weight_per_tensor,
     routing_change,
 )
+from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.runtime import to_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")

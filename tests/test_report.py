@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.summaries (tables) and the figure writers, on small hand-made metrics files."""
+"""Tests of pmoe_backdoor.reporting.summaries (tables) and the figure writers, on small hand-made metrics files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pmoe_backdoor.figures import attack_figure
 from pmoe_backdoor.io import write_json
-from pmoe_backdoor.summaries import (
+from pmoe_backdoor.reporting.figures import attack_figure
+from pmoe_backdoor.reporting.summaries import (
     attack_table,
     cad_std,
     collect_runs,
@@ -365,8 +365,8 @@ def test_attack_figure_writes_png(runs, tmp_path):
 
 
 def test_patch_map_figure_writes_png(tmp_path):
-    from pmoe_backdoor.figures import patch_map_figure
-    from pmoe_backdoor.routing import patch_grid, patch_sums
+    from pmoe_backdoor.models.routing import patch_grid, patch_sums
+    from pmoe_backdoor.reporting.figures import patch_map_figure
 
     rng = np.random.default_rng(0)
     rows = []

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pmoe_backdoor.configpage import config_record, configfile_texts
-from pmoe_backdoor.tables import HtmlLayout, frame_cells, html_table, markdown, write_table
+from pmoe_backdoor.reporting.configpage import config_record, configfile_texts
+from pmoe_backdoor.reporting.tables import HtmlLayout, frame_cells, html_table, markdown, write_table
 
 HEADER = ["Model", "Trigger", "ASR %", "paper", "Δ", "CA before"]
 ROWS = [["pmoe", "clean", "–", "–", "–", "85.0 ± 1.4"],
@@ -97,8 +97,8 @@ def test_config_record_writes_the_merged_config_and_each_file(tmp_path):
 
 
 def test_clean_run_poison_record_is_empty(tmp_path):
+    from pmoe_backdoor.attacks.poison import PoisonRecord
     from pmoe_backdoor.jobs.poison import clean_record_file
-    from pmoe_backdoor.poison import PoisonRecord
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import test_report_browser
 
-from pmoe_backdoor.blindspot import blindspot_table
-from pmoe_backdoor.compression_table import compression_table
+from pmoe_backdoor.defenses.merging.report import merged_defense_table, merging_table
 from pmoe_backdoor.io import write_json
-from pmoe_backdoor.merging.report import merged_defense_table, merging_table
-from pmoe_backdoor.summaries import (
+from pmoe_backdoor.reporting.blindspot import blindspot_table
+from pmoe_backdoor.reporting.compression import compression_table
+from pmoe_backdoor.reporting.summaries import (
     attack_table,
     collect_runs,
     detection_table,

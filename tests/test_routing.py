@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.routing against spec section 6 (patch-selection analysis)."""
+"""Tests of pmoe_backdoor.models.routing against spec section 6 (patch-selection analysis)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pmoe_backdoor.models import build_model
-from pmoe_backdoor.routing import patch_grid, patch_sums, routing_indices, trigger_patch_stats, trigger_positions
+from pmoe_backdoor.attacks.triggers import SquareTrigger, make_trigger
+from pmoe_backdoor.models.architectures import build_model
+from pmoe_backdoor.models.routing import patch_grid, patch_sums, routing_indices, trigger_patch_stats, trigger_positions
 from pmoe_backdoor.runtime import to_input
-from pmoe_backdoor.triggers import SquareTrigger, make_trigger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

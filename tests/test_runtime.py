@@ -1,5 +1,5 @@
 """pmoe_backdoor.runtime (device claims, logs, derived seeds, the allocator setting) and
-pmoe_backdoor.checkpoint (model files)."""
+pmoe_backdoor.models.checkpoint (model files)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmoe_backdoor import checkpoint, runtime
-from pmoe_backdoor.models import build_model
+from pmoe_backdoor import runtime
+from pmoe_backdoor.models import checkpoint
+from pmoe_backdoor.models.architectures import build_model
 
 
 def test_concurrent_jobs_claim_distinct_gpus(monkeypatch, tmp_path):
@@ -84,8 +85,8 @@ def test_offline_download_names_the_dataset_and_the_way_out(monkeypatch, tmp_pat
 
     import torchvision
 
-    from pmoe_backdoor.data import DatasetError
-    from pmoe_backdoor.sources import load_source
+    from pmoe_backdoor.data.datasets import DatasetError
+    from pmoe_backdoor.data.sources import load_source
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
@@ -98,8 +99,8 @@ def test_offline_download_names_the_dataset_and_the_way_out(monkeypatch, tmp_pat
 def test_compile_failure_falls_back_to_eager_training(monkeypatch):
     import io
 
-    from pmoe_backdoor.data import make_synthetic
-    from pmoe_backdoor.train import TrainConfig, fit
+    from pmoe_backdoor.data.datasets import make_synthetic
+    from pmoe_backdoor.training.loop import TrainConfig, fit
 
     class Broken(torch.nn.Module):
         def forward(self, x):

@@ -121,7 +121,7 @@ def test_reads_the_lines_fit_writes():
 
     import torch
 
-    from pmoe_backdoor.train import TrainConfig, fit
+    from pmoe_backdoor.training.loop import TrainConfig, fit
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
@@ -279,8 +279,8 @@ def test_reads_the_lines_the_compression_attack_writes():
 
     import torch
 
-    from pmoe_backdoor.compression_attack import AttackConfig, fit_compression_attack
-    from pmoe_backdoor.triggers import SquareTrigger
+    from pmoe_backdoor.attacks.compression import AttackConfig, fit_compression_attack
+    from pmoe_backdoor.attacks.triggers import SquareTrigger
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (32, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

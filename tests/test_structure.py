@@ -51,7 +51,7 @@ def test_no_import_circle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-    assert graph["pmoe_backdoor.train"] and "pmoe_backdoor.runtime" in graph["pmoe_backdoor.evaluate"]
+    assert graph["pmoe_backdoor.training.loop"] and "pmoe_backdoor.runtime" in graph["pmoe_backdoor.evaluate"]
 
 
 def test_no_module_over_300_lines():

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.train and pmoe_backdoor.evaluate on small CPU problems."""
+"""Tests of pmoe_backdoor.training.loop and pmoe_backdoor.evaluate on small CPU problems."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pmoe_backdoor.evaluate as evaluate_module
-from pmoe_backdoor.data import make_synthetic
+from pmoe_backdoor.attacks.poison import asr_set
+from pmoe_backdoor.attacks.triggers import make_trigger
+from pmoe_backdoor.data.datasets import make_synthetic
 from pmoe_backdoor.evaluate import evaluate, predict_logits
-from pmoe_backdoor.models import build_model
-from pmoe_backdoor.poison import asr_set
+from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.runtime import seed_everything, to_input
-from pmoe_backdoor.train import Probe, TrainConfig, fit, recalibrate_bn, record_routing
-from pmoe_backdoor.triggers import make_trigger
+from pmoe_backdoor.training.loop import Probe, TrainConfig, fit, recalibrate_bn, record_routing
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.triggers against spec section 4.1-4.3."""
+"""Tests of pmoe_backdoor.attacks.triggers against spec section 4.1-4.3."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pmoe_backdoor.triggers import (
+from pmoe_backdoor.attacks.triggers import (
     BLEND_PATTERNS,
     NATURAL_IMAGE,
     NATURAL_SOURCE,

@@ -1,16 +1,20 @@
 """pmoe_backdoor: backdoor attacks on patch-level Mixture-of-Experts (pMoE) image classifiers.
 
-The library behind the Snakemake workflow; every piece is importable and tested without Snakemake.
+The library behind the Snakemake workflow; every piece is importable and tested without Snakemake. Grouped by
+concern, each group's registry (where it has one) at its root:
 
-- the study's pieces: ``data`` (datasets in one canonical uint8 form), ``models`` (the faithful pMoE and a dense
-  WRN), ``triggers`` and ``poison`` (the attack), ``train`` and ``evaluate`` (the engine), ``packed`` (K models
-  trained as one batched computation), ``fineprune`` (the defense), ``routing`` (patch-selection analysis),
-  ``quantize`` (deployment precisions), ``neural_cleanse`` (trigger reconstruction);
-- results: ``summaries`` (the study's tables), ``tables`` (table formats), ``figures``;
-- plumbing: ``runtime`` (devices, precision, seeds, logs), ``checkpoint`` (model files), ``io`` (atomic,
-  pickle-free files), ``naming`` (run names in paths);
-- ``jobs``: one module per workflow stage (data, poison, train, evaluate, defense, analysis, deploy, report), the
-  functions the workflow's scripts call.
+- ``data``: datasets in one canonical uint8 form, from torchvision, npz files, image folders or synthetic;
+- ``models``: the faithful pMoE and a dense WRN (``architectures``), their inference form, model files
+  (``checkpoint``), routing analysis, K models as one batched computation (``packed``);
+- ``attacks``: triggers, poisoning, and the compression-activated attack (with its fake quantisation);
+- ``defenses``: Fine-Pruning, Neural Cleanse, STRIP, Activation Clustering, Spectral Signatures, merging (WAG, MSD);
+- ``deployment``: the precisions a model is deployed at (simulated int8 / int4, oneDNN int8 kernels);
+- ``training``: the training loop and packed training; ``evaluate``: BA, ASR, per-class accuracy;
+- ``reporting``: the study's tables and figures, table formats, the config page;
+- ``plan``: which jobs a config plans and what each is given (no torch: the DAG build imports it);
+- plumbing: ``runtime`` (devices, precision, seeds, logs), ``io`` (atomic, pickle-free files), ``naming`` (run
+  names in paths), ``config_check`` (the config's checks), ``status`` (``pmoe-status``), ``cpu_estimate``;
+- ``jobs``: one module per workflow stage, the functions the workflow's scripts call.
 """
 
 __version__ = "0.1.0"

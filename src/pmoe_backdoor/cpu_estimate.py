@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .datafiles import scan_image_folder
+from .data.files import scan_image_folder
 
 CPU_STUDY_COMMAND = ".venv/bin/snakemake --cores 2 --configfile config/cpu.yaml"
 CPU_STUDY_CONFIG = "config/cpu.yaml"
@@ -147,7 +147,7 @@ def measure_images_per_second(model_spec: Mapping[str, Any], precision: str, cha
     import torch
     import torch.nn.functional as F
 
-    from .checkpoint import model_from_spec
+    from .models.checkpoint import model_from_spec
     from .runtime import autocast, effective_precision, reuse_freed_memory, set_threads, to_input
 
     reuse_freed_memory()  # as in the training jobs (pmoe_backdoor.jobs): 1.1-1.5x faster CPU steps

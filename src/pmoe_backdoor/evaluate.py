@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .inference_model import fold_batchnorms
+from .models.inference import fold_batchnorms
 from .runtime import autocast, compiled_or_eager, resolve_device, to_input
 
 # Largest activation (bytes) of one forward pass on a CPU. Eval outputs do not depend on the batch, but large CPU
@@ -84,7 +84,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device | Non
     form, in inference mode.
 
     ``batch_size`` images per forward pass (on a CPU at most :func:`cpu_forward_batch`). The forward runs on the
-    inference form of the model (:func:`~pmoe_backdoor.inference_model.fold_batchnorms`: foldable BatchNorms folded
+    inference form of the model (:func:`~pmoe_backdoor.models.inference.fold_batchnorms`: foldable BatchNorms folded
     into their convolutions, experts at their routed positions only; the same logits up to float rounding);
     ``model`` is left as it was, its train/eval mode included. ``compile`` (default :data:`COMPILE_INFERENCE`) runs
     that copy through torch.compile, padding the last batch to the same shape; the compiled forward is kept for the

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..figures import patch_map_figure, patch_value_figure, routing_stats_figure, trigger_examples_figure
+from ..attacks.triggers import load_trigger
 from ..io import write_json
-from ..routing import patch_grid, patch_sums, routing_indices, trigger_patch_stats, trigger_positions
-from ..summaries import routing_stats_table
-from ..triggers import load_trigger
+from ..models.routing import patch_grid, patch_sums, routing_indices, trigger_patch_stats, trigger_positions
+from ..reporting.figures import patch_map_figure, patch_value_figure, routing_stats_figure, trigger_examples_figure
+from ..reporting.summaries import routing_stats_table
 from .common import JobData, RunId
 
 __all__ = ["first_of_classes", "patch_map_figure", "patch_value_figure", "routing_maps_job", "routing_stats_figure",

@@ -9,15 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..activation_clustering import activation_clustering, penultimate_features
-from ..blindspot import blindspot_figure, blindspot_table
+from ..attacks.poison import PoisonRecord
+from ..attacks.triggers import load_trigger
+from ..defenses.activation_clustering import activation_clustering, penultimate_features
+from ..defenses.spectral_signatures import spectral_signatures
+from ..defenses.strip import strip_defense
+from ..deployment.quantize import quantize_model
 from ..io import write_json
-from ..poison import PoisonRecord
-from ..quantize import quantize_model
+from ..reporting.blindspot import blindspot_figure, blindspot_table
 from ..runtime import derived_seed
-from ..spectral_signatures import spectral_signatures
-from ..strip import strip_defense
-from ..triggers import load_trigger
 from .common import JobData, RunId
 from .deploy import calibration_images
 from .train import training_set

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import load_model
-from ..data import Dataset, load_npz
-from ..poison import asr_set
+from ..attacks.poison import asr_set
+from ..attacks.triggers import load_trigger
+from ..data.datasets import Dataset, load_npz
+from ..models.checkpoint import load_model
 from ..runtime import derived_seed, resolve_device
-from ..triggers import load_trigger
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,19 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import model_from_spec, save_model
-from ..compression_attack import AttackConfig, choose_checkpoint, fit_compression_attack
-from ..compression_table import compression_table
+from ..attacks.compression import AttackConfig, choose_checkpoint, fit_compression_attack
+from ..attacks.fakequant import deploy_faithful
+from ..attacks.poison import asr_set
+from ..attacks.triggers import load_trigger, make_trigger
+from ..defenses.fine_pruning import channels_to_prune, expert_channel_means, prune_experts
+from ..deployment.quantize import quantize_model, routing_change
 from ..evaluate import evaluate
-from ..fakequant import deploy_faithful
-from ..fineprune import channels_to_prune, expert_channel_means, prune_experts
 from ..io import read_json, write_json
-from ..poison import asr_set
-from ..quantize import quantize_model, routing_change
-from ..routing import routing_indices
+from ..models.checkpoint import model_from_spec, save_model
+from ..models.routing import routing_indices
+from ..reporting.compression import compression_table
 from ..runtime import derived_seed, seed_everything
-from ..train import TrainConfig, fit
-from ..triggers import load_trigger, make_trigger
+from ..training.loop import TrainConfig, fit
 from .common import JobData, RunId
 from .deploy import calibration_images
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..sources import load_source
+from ..data.sources import load_source
 
 
 def prepare_data(spec: dict[str, Any], out: str) -> None:

@@ -8,14 +8,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import save_model
+from ..attacks.poison import PoisonRecord
+from ..attacks.triggers import load_trigger
+from ..defenses.fine_pruning import channels_to_prune, expert_channel_means, prune_experts, remove_masks
 from ..evaluate import evaluate
-from ..fineprune import channels_to_prune, expert_channel_means, prune_experts, remove_masks
 from ..io import write_json
-from ..poison import PoisonRecord
+from ..models.checkpoint import save_model
 from ..runtime import derived_seed
-from ..train import TrainConfig, fit
-from ..triggers import load_trigger
+from ..training.loop import TrainConfig, fit
 from .common import JobData, RunId
 
 FINETUNE_DATA = ("authors", "clean")

@@ -8,14 +8,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..defenses.neural_cleanse import NCConfig, neural_cleanse
+from ..deployment.quantize import quantize_model, routing_change
 from ..evaluate import evaluate
-from ..figures import nc_mask_figure, trigger_footprint
 from ..io import save_tensors, write_json
-from ..neural_cleanse import NCConfig, neural_cleanse
-from ..quantize import quantize_model, routing_change
-from ..routing import routing_indices
+from ..models.routing import routing_indices
+from ..reporting.figures import nc_mask_figure, trigger_footprint
+from ..reporting.summaries import detection_table, precision_table
 from ..runtime import derived_seed
-from ..summaries import detection_table, precision_table
 from .common import JobData, RunId
 
 __all__ = ["deploy_eval_job", "detection_table", "nc_mask_figure", "neural_cleanse_job", "precision_table",

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_model, save_model
-from ..io import read_json, write_json
-from ..merging import (
+from ..attacks.poison import asr_set
+from ..attacks.triggers import load_trigger
+from ..defenses.merging import (
     EvolutionConfig,
     candidate_assignments,
     finetune_copy,
@@ -24,11 +24,11 @@ from ..merging import (
     select_candidate,
     wag_merge,
 )
-from ..merging.defend import Scorer, at_precisions, check_defense_config, fine_prune_merged
-from ..merging.report import merged_defense_table, merging_table, strategy_figure
-from ..poison import asr_set
+from ..defenses.merging.defend import Scorer, at_precisions, check_defense_config, fine_prune_merged
+from ..defenses.merging.report import merged_defense_table, merging_table, strategy_figure
+from ..io import read_json, write_json
+from ..models.checkpoint import load_model, save_model
 from ..runtime import derived_seed, seed_everything
-from ..triggers import load_trigger
 from .common import JobData
 from .deploy import calibration_images
 from .train import training_set

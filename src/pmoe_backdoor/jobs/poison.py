@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from ..data import load_npz
-from ..poison import PoisonRecord, make_poison
+from ..attacks.poison import PoisonRecord, make_poison
+from ..attacks.triggers import load_trigger, make_trigger
+from ..data.datasets import load_npz
 from ..runtime import derived_seed
-from ..triggers import load_trigger, make_trigger
 
 
 def trigger_seed(kind: str, trigger_seed: int, run_seed: int) -> int:

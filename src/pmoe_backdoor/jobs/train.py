@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import model_from_spec, save_model
+from ..attacks.poison import PoisonRecord
+from ..attacks.triggers import Trigger, load_trigger
 from ..io import atomic_path, write_json
-from ..packed import fit_packed
-from ..poison import PoisonRecord
+from ..models.checkpoint import model_from_spec, save_model
 from ..runtime import derived_seed, seed_everything
-from ..train import Probe, TrainConfig, fit
-from ..triggers import Trigger, load_trigger
+from ..training.loop import Probe, TrainConfig, fit
+from ..training.packed import fit_packed
 from .common import JobData
 
 

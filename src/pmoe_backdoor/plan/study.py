@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any, Iterable, Mapping
 
 from ..config_check import fine_prune_seed
-from ..datafiles import defining_layer, resolve_config_path, source_digest
+from ..data.files import defining_layer, resolve_config_path, source_digest
 from ..naming import CLEAN, attack_name, fmt_rate, parse_attack
 from .common import FINETUNE_OVERRIDES, QUIET_FINETUNE_OVERRIDES, RESULTS, SOURCES_WITH_DATA, Run, canonical, without
 

@@ -1,0 +1,1 @@
+"""Training: the loop (``loop``) and K models trained as one batched computation (``packed``)."""
