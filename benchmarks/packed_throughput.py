@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from _common import parser, setup, timed
 
-from pmoe_backdoor.models.architectures import MODEL_NAMES, build_model
+from pmoe_backdoor.models import MODELS
+from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.models.packed import (
     PACK_MODES,
     PackedModels,
@@ -229,7 +230,7 @@ def run_precision(args, dev, label: str, compile_: bool) -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--model", default="pmoe", choices=MODEL_NAMES)
+    p.add_argument("--model", default="pmoe", choices=list(MODELS))
     p.add_argument("--widen", type=int, default=None, help="widen factor (default: 10 on CUDA, 1 on CPU)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--ks", type=int, nargs="+", default=None, help="pack sizes (default: 1 2 4 8 16; CPU 1 2)")

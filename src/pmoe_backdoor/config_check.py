@@ -187,10 +187,15 @@ def check_names(names: Iterable[str], where: str, pool: Iterable[str], pool_name
             raise ConfigError(f"config: {where} names {name!r}, which is not in {pool_name}")
 
 
-def check_routed_model(cfg: dict, model: str, where: str) -> None:
-    """Stages that switch experts or read routers need a routed model (the pMoE)."""
-    if cfg["models"].get(model, {}).get("arch") != "pmoe":
-        raise ConfigError(f"config: {where} {model!r} must name a pmoe model of 'models'")
+def check_capable_model(cfg: dict, model: str, where: str, capability: str, what: str) -> None:
+    """A stage that needs a capability of the model (``pmoe_backdoor.models.ModelKind``: routers, module slots,
+    prunable channels) checks the model's registered kind, not its name."""
+    from .models import MODELS
+
+    arch = cfg["models"].get(model, {}).get("arch")
+    if arch not in MODELS or not getattr(MODELS[arch], capability):
+        able = [name for name, kind in MODELS.items() if getattr(kind, capability)]
+        raise ConfigError(f"config: {where} {model!r} must name a model of 'models' with {what} (arch {able})")
 
 
 def check_study(cfg: dict) -> None:
@@ -228,8 +233,8 @@ def _check_fine_pruning(cfg: dict) -> None:
     check_names(fp["triggers"], "fine_pruning.triggers", cfg["attack"]["triggers"], "attack.triggers")
     check_rates(cfg, fp["poison_rates"], "fine_pruning.poison_rates")
     for model in fp["models"]:
-        if cfg["models"][model]["arch"] != "pmoe":
-            raise ConfigError(f"config: fine_pruning.models names {model!r}: Fine-Pruning needs arch 'pmoe'")
+        check_capable_model(cfg, model, "fine_pruning.models names", "prunable_channels",
+                            "expert channels to prune (Fine-Pruning)")
     check_fine_pruning_seeds(fp, cfg["seeds"]["attack"])
 
 
@@ -237,7 +242,7 @@ def _check_merging(cfg: dict) -> None:
     merge = cfg["merging"]
     if not merge["enabled"]:
         return
-    check_routed_model(cfg, merge["model"], "merging.model")
+    check_capable_model(cfg, merge["model"], "merging.model", "module_slots", "module slots to switch")
     check_names(merge["datasets"], "merging.datasets", cfg["datasets"], "'datasets'")
     if merge["seeds"] > cfg["seeds"]["clean"]:
         raise ConfigError(f"config: merging.seeds ({merge['seeds']}) exceeds seeds.clean ({cfg['seeds']['clean']}): "
@@ -256,7 +261,7 @@ def _check_compression_attack(cfg: dict) -> None:
     block = cfg["compression_attack"]
     if not block["enabled"]:
         return
-    check_routed_model(cfg, block["model"], "compression_attack.model")
+    check_capable_model(cfg, block["model"], "compression_attack.model", "routing", "routers (routing flips)")
     for key in ("datasets", "targets_by_dataset", "lr_drop_epoch_by_dataset", "max_fp32_asr_by_dataset"):
         check_names(block.get(key, []), f"compression_attack.{key}", cfg["datasets"], "'datasets'")
     prune = block["prune"]

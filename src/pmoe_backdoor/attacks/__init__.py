@@ -1,2 +1,61 @@
 """Attacks: triggers (``triggers``), poisoned training sets (``poison``), and backdoors that appear only after
-compression (``compression``, trained with the fake quantisation of ``fakequant``)."""
+compression (``compression``, trained with the fake quantisation of ``fakequant``).
+
+The trigger registry lives here, without torch: the DAG build reads what a kind of trigger *is* (does each run draw
+its own, does routing analysis apply) before any tensor exists; its implementation, a ``Trigger`` subclass, is
+imported only when a trigger is built or loaded. Adding a trigger: a ``Trigger`` subclass (``apply``, ``params``,
+``from_config``, ``from_file``), one ``register_trigger`` line below, and its parameters in config/schema.yaml's
+``trigger`` definition (tests/test_registries.py checks the schema's kinds against this registry).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TriggerKind:
+    """A kind of trigger (the config's ``kind``) and the properties the workflow decides on."""
+
+    name: str
+    implementation: str  # "module:Class" of its Trigger subclass
+    # drawn anew from each run's seed (the authors drew WaNet's grid once per notebook session), else one trigger
+    # from attack.trigger_seed for every run
+    fresh_per_run: bool = False
+    # the authors' fine-tuning array kept the triggered images with their true labels (an in-place side effect of
+    # their square trigger): Fine-Pruning's faithful 'authors' fine-tuning set includes them
+    contaminates_authors_finetuning: bool = False
+    # writes fixed pixels (a box): routing statistics can count how often that patch reaches the experts
+    patch_located: bool = False
+
+    def load(self) -> type:
+        module, _, name = self.implementation.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+TRIGGERS: dict[str, TriggerKind] = {}
+
+
+def register_trigger(kind: TriggerKind) -> TriggerKind:
+    TRIGGERS[kind.name] = kind
+    return kind
+
+
+def trigger_kind(name: str) -> TriggerKind:
+    if name not in TRIGGERS:
+        raise ValueError(f"trigger kind must be one of {tuple(TRIGGERS)}, got {name!r}")
+    return TRIGGERS[name]
+
+
+def make_trigger(kind: str, params: dict[str, Any] | None = None, seed: int = 0) -> Any:
+    """A trigger of ``kind`` from its config block (unknown keys are an error naming them) and the seed it draws
+    from (when it draws anything)."""
+    return trigger_kind(kind).load().from_config(dict(params or {}), seed)
+
+
+register_trigger(TriggerKind("square", "pmoe_backdoor.attacks.triggers:SquareTrigger",
+                             contaminates_authors_finetuning=True, patch_located=True))
+register_trigger(TriggerKind("blend", "pmoe_backdoor.attacks.triggers:BlendTrigger"))
+register_trigger(TriggerKind("warp", "pmoe_backdoor.attacks.triggers:WarpTrigger", fresh_per_run=True))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import load_tensors, save_tensors
+from . import TRIGGERS, TriggerKind, make_trigger, trigger_kind
 
 H = W = 32
 
@@ -39,7 +40,31 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 class Trigger:
+    """A trigger kind's implementation (its registry entry: ``pmoe_backdoor.attacks.TRIGGERS[kind]``)."""
+
     kind: ClassVar[str]
+    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset()  # the keys of its config block (besides ``kind``)
+
+    @property
+    def spec(self) -> TriggerKind:
+        return TRIGGERS[self.kind]
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any], seed: int) -> "Trigger":
+        """From its config block (checked against CONFIG_KEYS) and the seed it draws from, if it draws."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "Trigger":
+        """From what :meth:`save` wrote."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_keys(cls, params: dict[str, Any]) -> None:
+        unknown = set(params) - cls.CONFIG_KEYS
+        if unknown:
+            raise ValueError(f"trigger {cls.kind!r}: unknown parameter(s) {sorted(unknown)}; allowed: "
+                             f"{sorted(cls.CONFIG_KEYS)}")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Return triggered copies of a uint8 (N, 32, 32, 3) batch; the input is never modified."""
@@ -58,10 +83,28 @@ class Trigger:
 @dataclass
 class SquareTrigger(Trigger):
     kind: ClassVar[str] = "square"
+    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset({"size", "value", "row", "col"})
     size: int = 4
     value: int = 1  # on the 0-255 scale: the authors wrote 1 into 0-255 data (a black square); 255 is white
     row: int = 0
     col: int = 0
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any], seed: int) -> "SquareTrigger":
+        cls.check_keys(params)
+        t = cls(**params)
+        if not (1 <= t.size and 0 <= t.row and 0 <= t.col and t.row + t.size <= H and t.col + t.size <= W
+                and 0 <= t.value <= 255):
+            raise ValueError(f"trigger 'square': size/row/col must fit in 32x32 and value in [0, 255]; got {params}")
+        return t
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "SquareTrigger":
+        return cls(**params)
+
+    def pixel_box(self) -> tuple[int, int, int, int]:
+        """(row, col, height, width) of the pixels it writes (the kind is ``patch_located``)."""
+        return self.row, self.col, self.size, self.size
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         _check_batch(x)
@@ -76,9 +119,30 @@ class SquareTrigger(Trigger):
 @dataclass
 class BlendTrigger(Trigger):
     kind: ClassVar[str] = "blend"
+    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset({"alpha", "pattern", "image"})
     image: torch.Tensor  # uint8 (32, 32, 3)
     alpha: float = 0.5
     source: str = ""  # which pattern: NATURAL_SOURCE, "seeded noise (seed N)" or the image file's path
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any], seed: int) -> "BlendTrigger":
+        cls.check_keys(params)
+        alpha = float(params.get("alpha", 0.5))
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"trigger 'blend': alpha must lie in (0, 1], got {alpha}")
+        pattern = params.get("pattern", "natural")
+        if pattern not in BLEND_PATTERNS:
+            raise ValueError(f"trigger 'blend': 'pattern' must be one of {list(BLEND_PATTERNS)}, got {pattern!r}")
+        path = params.get("image")
+        if path:  # the user's own image wins over the pattern
+            return cls(blend_image_from_file(path), alpha, str(path))
+        if pattern == "natural":
+            return cls(natural_blend_image(), alpha, NATURAL_SOURCE)
+        return cls(blend_pattern(seed), alpha, f"seeded noise (seed {seed})")
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "BlendTrigger":
+        return cls(tensors["image"], params["alpha"], params.get("source", ""))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         _check_batch(x)
@@ -160,6 +224,7 @@ def warp_noise(k: int, seed: int) -> np.ndarray:
 @dataclass
 class WarpTrigger(Trigger):
     kind: ClassVar[str] = "warp"
+    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset({"k", "s", "grid_rescale", "sampler"})
     grid: torch.Tensor  # float32 (32, 32, 2) in [-1, 1]; channel 0 = row (y), 1 = column (x)
     sampler: str = "truncate"  # the authors' integer truncation; "bilinear" is true WaNet
     k: int = 2
@@ -172,6 +237,16 @@ class WarpTrigger(Trigger):
     def __post_init__(self):
         if self.sampler not in self.SAMPLERS:
             raise ValueError(f"warp sampler must be one of {self.SAMPLERS}, got {self.sampler!r}")
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any], seed: int) -> "WarpTrigger":
+        cls.check_keys(params)
+        return cls.generate(k=params.get("k", 2), s=params.get("s", 0.25), grid_rescale=params.get("grid_rescale", 1.0),
+                            seed=seed, sampler=params.get("sampler", "truncate"))
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "WarpTrigger":
+        return cls(tensors["grid"], **params)
 
     @classmethod
     def generate(cls, k: int = 2, s: float = 0.25, grid_rescale: float = 1.0, seed: int = 0,
@@ -208,42 +283,7 @@ class WarpTrigger(Trigger):
         return {"sampler": self.sampler, "k": self.k, "s": self.s, "grid_rescale": self.grid_rescale, "seed": self.seed}
 
 
-TRIGGER_KINDS = ("square", "blend", "warp")
-
-
-def make_trigger(kind: str, params: dict[str, Any] | None = None, seed: int = 0) -> Trigger:
-    """Build a trigger from its kind and a config block (unknown keys are an error naming them)."""
-    params = dict(params or {})
-    allowed = {"square": {"size", "value", "row", "col"},
-               "blend": {"alpha", "pattern", "image"},
-               "warp": {"k", "s", "grid_rescale", "sampler"}}
-    if kind not in allowed:
-        raise ValueError(f"trigger kind must be one of {TRIGGER_KINDS}, got {kind!r}")
-    unknown = set(params) - allowed[kind]
-    if unknown:
-        raise ValueError(f"trigger {kind!r}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(allowed[kind])}")
-    if kind == "square":
-        t = SquareTrigger(**params)
-        if not (1 <= t.size and 0 <= t.row and 0 <= t.col and t.row + t.size <= H and t.col + t.size <= W
-                and 0 <= t.value <= 255):
-            raise ValueError(f"trigger 'square': size/row/col must fit in 32x32 and value in [0, 255]; got {params}")
-        return t
-    if kind == "blend":
-        alpha = float(params.get("alpha", 0.5))
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"trigger 'blend': alpha must lie in (0, 1], got {alpha}")
-        pattern = params.get("pattern", "natural")
-        if pattern not in BLEND_PATTERNS:
-            raise ValueError(f"trigger 'blend': 'pattern' must be one of {list(BLEND_PATTERNS)}, got {pattern!r}")
-        path = params.get("image")
-        if path:  # the user's own image wins over the pattern
-            return BlendTrigger(blend_image_from_file(path), alpha, str(path))
-        if pattern == "natural":
-            return BlendTrigger(natural_blend_image(), alpha, NATURAL_SOURCE)
-        return BlendTrigger(blend_pattern(seed), alpha, f"seeded noise (seed {seed})")
-    return WarpTrigger.generate(k=params.get("k", 2), s=params.get("s", 0.25),
-                                grid_rescale=params.get("grid_rescale", 1.0), seed=seed,
-                                sampler=params.get("sampler", "truncate"))
+__all__ = ["BlendTrigger", "SquareTrigger", "Trigger", "WarpTrigger", "load_trigger", "make_trigger"]
 
 
 def load_trigger(path: str | os.PathLike) -> Trigger:
@@ -251,14 +291,13 @@ def load_trigger(path: str | os.PathLike) -> Trigger:
     ValueError naming it (FileNotFoundError where it is missing)."""
     tensors, meta = load_tensors(path)
     kind, params = meta.get("kind"), meta.get("params", {})
-    if kind not in TRIGGER_KINDS:
-        raise ValueError(f"{path}: not a trigger file (metadata 'kind' is {kind!r}; expected one of {TRIGGER_KINDS})")
     try:
-        if kind == "square":
-            return SquareTrigger(**params)
-        if kind == "blend":
-            return BlendTrigger(tensors["image"], params["alpha"], params.get("source", ""))
-        return WarpTrigger(tensors["grid"], **params)
+        cls = trigger_kind(kind).load()
+    except ValueError:
+        raise ValueError(f"{path}: not a trigger file (metadata 'kind' is {kind!r}; expected one of "
+                         f"{tuple(TRIGGERS)})") from None
+    try:
+        return cls.from_file(tensors, params)
     except (KeyError, TypeError, ValueError) as exc:  # a tensor or parameter missing or of the wrong kind
         raise ValueError(f"{path}: not a readable {kind} trigger file (tensors {sorted(tensors)}, parameters "
                          f"{params!r}): {type(exc).__name__}: {exc}") from exc

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..attacks import TRIGGERS
 from ..attacks.poison import PoisonRecord
 from ..attacks.triggers import load_trigger
 from ..defenses.fine_pruning import channels_to_prune, expert_channel_means, prune_experts, remove_masks
@@ -27,13 +28,14 @@ def fineprune_data(x_train: torch.Tensor, y_train: torch.Tensor, rec: PoisonReco
     """The fine-tuning set and the activation images for ranking.
 
     ``authors``: the authors' "clean" training array, which for the square trigger still held the triggered
-    images with their true labels (in-place side effect, spec 4.1); blend and warp left it clean. ``clean``:
+    images with their true labels (in-place side effect; a trigger kind's ``contaminates_authors_finetuning``);
+    blend and warp left it clean. ``clean``:
     the clean training set. The activation images are the first ``activation_images`` of that array after a
     seeded shuffle, as the authors' ``training_data[:10000]``.
     """
     if finetune_data not in FINETUNE_DATA:
         raise ValueError(f"fine_pruning.finetune_data must be one of {FINETUNE_DATA}, got {finetune_data!r}")
-    if finetune_data == "authors" and trigger_kind == "square":
+    if finetune_data == "authors" and TRIGGERS[trigger_kind].contaminates_authors_finetuning:
         x_ft, y_ft = rec.apply(x_train, y_train, relabel=False)
     else:
         x_ft, y_ft = x_train, y_train

@@ -6,16 +6,19 @@ from typing import Any
 
 import torch
 
+from ..attacks import make_trigger, trigger_kind
 from ..attacks.poison import PoisonRecord, make_poison
-from ..attacks.triggers import load_trigger, make_trigger
+from ..attacks.triggers import load_trigger
 from ..data.datasets import load_npz
 from ..runtime import derived_seed
 
 
 def trigger_seed(kind: str, trigger_seed: int, run_seed: int) -> int:
-    """The warp grid is drawn anew for every run (the authors drew one per notebook session); the other
-    triggers are the same for every run, from the config's ``attack.trigger_seed``."""
-    return derived_seed(run_seed, "warp") if kind == "warp" else derived_seed(trigger_seed, "blend")
+    """A kind drawn anew for every run (the warp grid: the authors drew one per notebook session) draws from the
+    run seed; the others are the same for every run, from the config's ``attack.trigger_seed``."""
+    if trigger_kind(kind).fresh_per_run:
+        return derived_seed(run_seed, "warp")  # the name keeps the seeds of existing runs
+    return derived_seed(trigger_seed, "blend")
 
 
 def make_trigger_file(kind: str, params: dict[str, Any], seed: int, out: str) -> None:

@@ -9,10 +9,13 @@ probabilities there, experts applied to the full masked 8x8 map.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import model_kind
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # Keras momentum 0.99
@@ -226,31 +229,33 @@ def init_weights(model: nn.Module) -> None:
             nn.init.normal_(m.router.weight, mean=0.0, std=1e-4)
 
 
-MODEL_NAMES = ("pmoe", "wrn")
-
-
-def build_model(name: str, num_classes: int, widen_factor: int = 10, num_experts: int = 4, top_k: int = 16,
-                moe_width: str = "scaled", bn_momentum: float = BN_MOMENTUM) -> nn.Module:
-    """Build ``"pmoe"`` or ``"wrn"``.
-
-    ``moe_width``: ``"scaled"`` (default) gives the pre-MoE map 64*k channels and each expert 16*k, which at
-    the paper's widen factor 10 are the authors' 640 and 160; ``"fixed"`` pins them to 640 and 160 at any
-    width, as the authors' literal constants do. ``bn_momentum``: see :func:`set_bn_momentum`.
-    """
-    model = _build(name, num_classes, widen_factor, num_experts, top_k, moe_width)
+def build_model(name: str, num_classes: int, bn_momentum: float = BN_MOMENTUM, **config: Any) -> nn.Module:
+    """Build a registered architecture (``pmoe_backdoor.models.MODELS``) from its config keys.
+    ``bn_momentum``: see :func:`set_bn_momentum`."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    model = model_kind(name).load()(num_classes, **config)
     set_bn_momentum(model, bn_momentum)
     return model
 
 
-def _build(name, num_classes, widen_factor, num_experts, top_k, moe_width) -> nn.Module:
-    if name not in MODEL_NAMES:
-        raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+def _check_width(widen_factor: int) -> None:
     if widen_factor < 1:
         raise ValueError(f"widen_factor must be a positive integer, got {widen_factor}")
-    if name == "wrn":
-        return WideResNet(num_classes, widen_factor)
+
+
+def build_wrn(num_classes: int, widen_factor: int = 10, **ignored: Any) -> nn.Module:
+    """The dense WRN baseline (the pMoE's routing keys, when given, do not apply)."""
+    _check_width(widen_factor)
+    return WideResNet(num_classes, widen_factor)
+
+
+def build_pmoe(num_classes: int, widen_factor: int = 10, num_experts: int = 4, top_k: int = 16,
+               moe_width: str = "scaled") -> nn.Module:
+    """The faithful pMoE. ``moe_width``: ``"scaled"`` (default) gives the pre-MoE map 64*k channels and each
+    expert 16*k, which at the paper's widen factor 10 are the authors' 640 and 160; ``"fixed"`` pins them to 640
+    and 160 at any width, as the authors' literal constants do."""
+    _check_width(widen_factor)
     if not 1 <= top_k <= 64:
         raise ValueError(f"top_k must lie in [1, 64] (the 8x8 patch grid), got {top_k}")
     if num_experts < 1:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..attacks.triggers import SquareTrigger, Trigger
+from ..attacks.triggers import Trigger
 from ..runtime import to_input
 
 GRID = 8
@@ -50,11 +50,13 @@ def patch_sums(image: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def trigger_positions(trigger: Trigger) -> list[int]:
-    """The grid positions whose 4x4 block overlaps a square trigger."""
-    if not isinstance(trigger, SquareTrigger):
-        raise TypeError(f"trigger positions are defined for square triggers, not {trigger.kind!r}")
-    rows = range(trigger.row // BLOCK, (trigger.row + trigger.size - 1) // BLOCK + 1)
-    cols = range(trigger.col // BLOCK, (trigger.col + trigger.size - 1) // BLOCK + 1)
+    """The grid positions whose 4x4 block overlaps a trigger that writes a fixed box of pixels (``patch_located``:
+    the square)."""
+    if not trigger.spec.patch_located:
+        raise TypeError(f"trigger positions are defined for patch-located triggers, not {trigger.kind!r}")
+    row, col, height, width = trigger.pixel_box()
+    rows = range(row // BLOCK, (row + height - 1) // BLOCK + 1)
+    cols = range(col // BLOCK, (col + width - 1) // BLOCK + 1)
     return [r * GRID + c for r in rows for c in cols]
 
 

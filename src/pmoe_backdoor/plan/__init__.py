@@ -38,7 +38,7 @@ class Plan(StudyPlan, AnalysisPlan, MergingPlan, CompressionPlan, BlindspotPlan)
         for d in self.datasets:
             for m in routed:
                 targets += [f"{RESULTS}/figures/patch_maps_{d}_{m}.png", f"{RESULTS}/figures/patch_values_{d}_{m}.png"]
-            if routed and self.square_triggers():
+            if routed and self.located_triggers():
                 targets += table_files(f"routing_{d}")
                 targets.append(f"{RESULTS}/figures/routing_{d}.png")
         if self.fp["enabled"]:

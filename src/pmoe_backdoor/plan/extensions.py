@@ -58,11 +58,11 @@ class AnalysisPlan:
 
     def routing_stats_triggers(self, wc: Any) -> dict[str, str]:
         """Square triggers to analyse: the run's own for a square attack, every square trigger for a clean run."""
-        names = self.square_triggers() if wc.attack == CLEAN else [parse_attack(wc.attack)[0]]
+        names = self.located_triggers() if wc.attack == CLEAN else [parse_attack(wc.attack)[0]]
         return {n: self.trigger_path(wc.dataset, n, wc.seed) for n in names}
 
     def routing_stats_targets(self, dataset: str) -> list[str]:
-        attacks = [CLEAN] + [attack_name(t, r) for t in self.square_triggers() for r in self.rates]
+        attacks = [CLEAN] + [attack_name(t, r) for t in self.located_triggers() for r in self.rates]
         return [f"{RESULTS}/{dataset}/{m}/{a}/seed{s}/routing_stats.json"
                 for m in self.routed_models() for a in attacks for s in self.seeds_for(a)]
 

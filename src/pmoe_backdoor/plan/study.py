@@ -9,8 +9,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable, Mapping
 
+from ..attacks import TRIGGERS
 from ..config_check import fine_prune_seed
 from ..data.files import defining_layer, resolve_config_path, source_digest
+from ..models import MODELS
 from ..naming import CLEAN, attack_name, fmt_rate, parse_attack
 from .common import FINETUNE_OVERRIDES, QUIET_FINETUNE_OVERRIDES, RESULTS, SOURCES_WITH_DATA, Run, canonical, without
 
@@ -46,7 +48,7 @@ class StudyPlan:
 
     def routed_models(self) -> list[str]:
         """Models with routers (the pMoE): the ones routing analysis, Fine-Pruning of experts and merging apply to."""
-        return [m for m in self.models if self.config["models"][m]["arch"] == "pmoe"]
+        return [m for m in self.models if MODELS[self.config["models"][m]["arch"]].routing]
 
     def seeds_for(self, attack: str) -> list[int]:
         seeds = self.config["seeds"]
@@ -108,8 +110,10 @@ class StudyPlan:
         """Each dataset's name in the paper's tables (its own name unless the config says otherwise)."""
         return {d: spec.get("paper_name", d) for d, spec in self.config["datasets"].items()}
 
-    def square_triggers(self) -> list[str]:
-        return [t for t in self.triggers if self.config["attack"]["triggers"][t]["kind"] == "square"]
+    def located_triggers(self) -> list[str]:
+        """Triggers that write a fixed box of pixels (the square): routing statistics count how often its patch is
+        routed."""
+        return [t for t in self.triggers if TRIGGERS[self.config["attack"]["triggers"][t]["kind"]].patch_located]
 
     # ----- Fine-Pruning -----
 
