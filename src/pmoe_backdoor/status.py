@@ -6,11 +6,12 @@
 
 It reads the logs of the training-like jobs (the rules of :data:`TRAINING_RULES`: ``results/logs/train_model/``,
 ``fine_prune/``, ``finetune_victim/``, ``train_compression_attack/``, and any other ``results/logs/train*/``),
-which the training loops write as they go: a progress line every ``progress_seconds`` (``fit``: ``epoch 3/200 step
-40/391 1234 img/s, 12 s``; the compression attack has no step counter) and one at each epoch's end (``epoch 3/200:
-loss ... (1234 img/s, 31.6 s)``; the compression attack's gives the seconds only). A job that has not started yet
-has no log, so it is not listed. Whether a job is done, or died without a word, comes from its outputs and
-Snakemake's records of the jobs it runs (see :func:`job_state`). Reading a log is :mod:`pmoe_backdoor.status_logs`'s.
+which the one training loop (:mod:`pmoe_backdoor.training.engine`) writes as it goes: a progress line every
+``progress_seconds`` (``epoch 3/200 step 40/391 1234 img/s, 12 s``) and one at each epoch's end (``epoch 3/200:
+loss ... (1234 img/s, 31.6 s)``); logs written before it (the compression attack's without step counter or speed,
+packed training's "in all") still read. A job that has not started yet has no log, so it is not listed. Whether
+a job is done, or died without a word, comes from its outputs and Snakemake's records of the jobs it runs (see
+:func:`job_state`). Reading a log is :mod:`pmoe_backdoor.status_logs`'s.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Read a training log: the progress and epoch-end lines the training loops write (see :mod:`pmoe_backdoor.status`
+"""Read a training log: the progress and epoch-end lines the training loop writes (see :mod:`pmoe_backdoor.status`
 for their shapes), what they say (:class:`LogState`), and the estimates drawn from it (seconds per epoch, how far
 the epoch under way is, seconds left)."""
 
@@ -7,7 +7,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-# the step counter is optional (the compression attack's progress lines have none), so is the speed at an epoch's end
+# Every training writes the one loop's lines (pmoe_backdoor.training.engine). Logs written before it still read: the
+# step counter is optional (the compression attack's progress lines had none), so is the speed at an epoch's end (its
+# epoch lines gave the seconds only), and text may stand before the speed (packed: "epoch 2/4 step 5/10: 4 packed
+# models, 7600 img/s in all", "epoch 1/4: 4 packed models, 8000 img/s in all (2000 per model, 20.0 s)").
 PROGRESS = re.compile(r"^epoch (\d+)/(\d+)(?: step (\d+)/(\d+))?\b.*?([\d.]+) img/s(?:, ([\d.]+) s\b)?")
 EPOCH_END = re.compile(r"^epoch (\d+)/(\d+):(?:.*?([\d.]+) img/s)?.*?([\d.]+) s\)\s*$")
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Sequence, TextIO
 
 import torch
@@ -36,6 +34,7 @@ from ..defenses.fine_pruning import channels_to_prune, expert_channel_means, pru
 from ..deployment.quantize import quantize_model
 from ..evaluate import evaluate
 from ..runtime import autocast, effective_precision, resolve_device, to_input
+from ..training.engine import Schedule, new_history, resolve_log, run_epochs
 from ..training.loop import prepare_model
 from .fakequant import FAKEQUANT_VARIANTS, deploy_faithful, fake_quant_forward
 from .triggers import Trigger
@@ -184,6 +183,60 @@ def compress(model: nn.Module, variant: str, prune_rate: float, calibration: tor
     return pruned
 
 
+class CompressionAttackStep:
+    """One batch doubled to clean + triggered, the float pass and the variant's compressed pass(es); after each
+    epoch the fp32 and compressed BA / ASR (:func:`measure`) and a CPU copy of the weights, so that the caller can
+    release the epoch :func:`choose_checkpoint` picks."""
+
+    model_count = 1
+
+    def __init__(self, model: nn.Module, x_train: torch.Tensor, x_triggered: torch.Tensor, y_train: torch.Tensor,
+                 target: int, cfg: AttackConfig, x_test: torch.Tensor, y_test: torch.Tensor, x_asr: torch.Tensor,
+                 calibration: torch.Tensor, device: torch.device, precision: str):
+        self.model, self.x_train, self.x_triggered, self.y_train = model, x_train, x_triggered, y_train
+        self.target, self.cfg, self.x_test, self.y_test, self.x_asr = target, cfg, x_test, y_test, x_asr
+        self.calibration, self.device, self.precision = calibration, device, precision
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.rate_gen = torch.Generator().manual_seed(cfg.seed + 1)  # prune_unknown's drawn rates
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def start_epoch(self, epoch: int) -> None:
+        self.model.train()
+        self.sums = torch.zeros(3, device=self.device)  # the loss, its float part, its compressed part
+
+    def train_batch(self, idx: torch.Tensor) -> None:
+        cfg = self.cfg
+        xb, xt, yb = self.x_train[idx], self.x_triggered[idx], self.y_train[idx]
+        with autocast(self.device, self.precision):
+            if cfg.variant in FAKEQUANT_VARIANTS:
+                loss, parts = quant_attack_loss(self.model, xb, xt, yb, self.target, cfg.variant, cfg.channels_last,
+                                                  cfg.bits)
+            else:
+                rates = ([cfg.prune_rate] if cfg.variant == "prune"
+                         else unknown_rates(cfg.prune_lower, cfg.prune_upper, self.rate_gen))
+                loss, parts = prune_attack_loss(self.model, xb, xt, yb, self.target, rates, cfg.alpha,
+                                                cfg.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.sums += torch.stack([loss.detach(), parts["float"], parts["compressed"]]) * len(idx)
+
+    def end_epoch(self, epoch: int, seconds: float, evaluate: bool) -> list[dict[str, Any]]:
+        loss_avg = (self.sums / self.x_train.shape[0]).tolist()
+        row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "train_loss": loss_avg[0],
+               "float_loss": loss_avg[1], "compressed_loss": loss_avg[2], "train_seconds": seconds}
+        if evaluate:  # every epoch: choose_checkpoint needs every epoch's measurement
+            row.update(measure(self.model, self.cfg, self.x_test, self.y_test, self.x_asr, self.target,
+                               self.calibration, self.device))
+        self.states[epoch] = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return [row]
+
+    def describe(self, row: dict[str, Any]) -> str:
+        return (f"loss {row['train_loss']:.4f} fp32 BA {row['fp32_ba']:.1f} ASR {row['fp32_asr']:.1f} | "
+                f"{self.cfg.variant} BA {row['compressed_ba']:.1f} ASR {row['compressed_asr']:.1f}")
+
+
 def fit_compression_attack(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, trigger: Trigger,
                            target: int, cfg: AttackConfig, x_test: torch.Tensor, y_test: torch.Tensor,
                            x_asr: torch.Tensor, calibration: torch.Tensor, device: torch.device | None = None,
@@ -193,62 +246,23 @@ def fit_compression_attack(model: nn.Module, x_train: torch.Tensor, y_train: tor
     every epoch, the chosen epoch is picked by the caller) and every epoch's weights (CPU copies, keyed by epoch).
 
     ``calibration`` (uint8 clean training images) calibrates the matched int8 deployer and ranks the channels of
-    the pruning variants' per-epoch measurement. Shuffling and the unknown-rate draws come from ``cfg.seed``."""
+    the pruning variants' per-epoch measurement. Shuffling and the unknown-rate draws come from ``cfg.seed``; the
+    learning rate drops by ``lr_gamma`` after ``lr_drop_epoch`` epochs."""
     cfg.check()
-    log = sys.stderr if log == "stderr" else log
+    log = resolve_log(log)
     device = device or resolve_device()
     precision = effective_precision(device, cfg.precision)
     model = prepare_model(model, device, cfg)
     if cfg.variant in PRUNE_VARIANTS and getattr(model, "moe", None) is None:
         raise TypeError(f"compression attack variant {cfg.variant!r} prunes expert channels: it needs a pmoe model")
     x_dev, y_dev = x_train.to(device), y_train.to(device)
-    x_trig_dev = trigger.apply(x_dev)
-    n = x_dev.shape[0]
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rate_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    history: dict[str, Any] = {"config": asdict(cfg), "device": str(device), "precision": precision, "epochs": []}
-    states: dict[int, dict[str, torch.Tensor]] = {}
-    for epoch in range(1, cfg.epochs + 1):
-        lr = cfg.lr * (cfg.lr_gamma if epoch > cfg.lr_drop_epoch else 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        sums = torch.zeros(3, device=device)
-        t0 = last_report = time.perf_counter()
-        for start in range(0, n, cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
-            xb, xt, yb = x_dev[idx], x_trig_dev[idx], y_dev[idx]
-            with autocast(device, precision):
-                if cfg.variant in FAKEQUANT_VARIANTS:
-                    loss, parts = quant_attack_loss(model, xb, xt, yb, target, cfg.variant, cfg.channels_last,
-                                                      cfg.bits)
-                else:
-                    rates = ([cfg.prune_rate] if cfg.variant == "prune"
-                             else unknown_rates(cfg.prune_lower, cfg.prune_upper, rate_gen))
-                    loss, parts = prune_attack_loss(model, xb, xt, yb, target, rates, cfg.alpha, cfg.channels_last)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sums += torch.stack([loss.detach(), parts["float"], parts["compressed"]]) * len(idx)
-            now = time.perf_counter()
-            if log is not None and cfg.progress_seconds and now - last_report >= cfg.progress_seconds:
-                last_report = now  # an in-epoch line, as fit() writes, so pmoe-status and a reader see progress
-                print(f"epoch {epoch}/{cfg.epochs} {min(start + cfg.batch_size, n) / (now - t0):.0f} img/s, "
-                      f"{now - t0:.0f} s", file=log, flush=True)
-        seconds = time.perf_counter() - t0
-        loss_avg = (sums / n).tolist()
-        row = {"epoch": epoch, "lr": lr, "train_loss": loss_avg[0], "float_loss": loss_avg[1],
-               "compressed_loss": loss_avg[2], "train_seconds": seconds}
-        row.update(measure(model, cfg, x_test, y_test, x_asr, target, calibration, device))
-        history["epochs"].append(row)
-        states[epoch] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if log is not None:
-            print(f"epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} fp32 BA {row['fp32_ba']:.1f} "
-                  f"ASR {row['fp32_asr']:.1f} | {cfg.variant} BA {row['compressed_ba']:.1f} "
-                  f"ASR {row['compressed_asr']:.1f} ({seconds:.1f} s)", file=log, flush=True)
-    return history, states
+    step = CompressionAttackStep(model, x_dev, trigger.apply(x_dev), y_dev, target, cfg, x_test, y_test, x_asr,
+                                 calibration, device, precision)
+    history = new_history(cfg, device, precision)
+    schedule = Schedule(cfg.epochs, cfg.batch_size, [cfg.seed], cfg.progress_seconds, eval_every=1,
+                        lr=lambda epoch: cfg.lr * (cfg.lr_gamma if epoch > cfg.lr_drop_epoch else 1.0))
+    run_epochs(step, x_dev.shape[0], schedule, [history], device, log)
+    return history, step.states
 
 
 def measure(model: nn.Module, cfg: AttackConfig, x_test: torch.Tensor, y_test: torch.Tensor, x_asr: torch.Tensor,

@@ -1,5 +1,8 @@
-"""The training engine: the dataset as one uint8 tensor on the device, index-slice batches of one
-permutation per epoch, no per-sample Python, no host synchronisation inside the step loop.
+"""Plain training of one model (``fit``): its config, its step for the one training loop
+(:mod:`pmoe_backdoor.training.engine`), and the per-epoch extras it shares with packed training (evaluation of the
+clean test set, BN recalibration, the routing of probe images). The dataset is one uint8 tensor on the device, cut
+into index-slice batches of one permutation per epoch: no per-sample Python, no host synchronisation inside the
+step loop.
 
 Faithful defaults (spec section 2): x/255 inputs without normalisation or augmentation, SGD lr 0.1 without
 momentum or weight decay, constant rate, 25 epochs, batch 128, reshuffle each epoch, last partial batch
@@ -9,9 +12,8 @@ every epoch.
 
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, TextIO
 
 import torch
@@ -19,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..runtime import PRECISIONS, autocast, compiled_or_eager, effective_precision, resolve_device, to_input
+from .engine import Schedule, new_history, note_precision, resolve_log, run_epochs
 
 
 @dataclass
@@ -87,9 +90,54 @@ def record_routing(model: nn.Module, probe: Probe, device: torch.device, channel
     return None if idx is None else idx.sort(dim=-1).values.cpu().tolist()
 
 
-def _log_line(stream: TextIO | None, msg: str) -> None:
-    if stream is not None:
-        print(msg, file=stream, flush=True)
+class PlainStep:
+    """One model, cross-entropy on its logits, SGD: ``fit``'s step (also the defenses' fine-tuning)."""
+
+    model_count = 1
+
+    def __init__(self, model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TrainConfig,
+                 x_test: torch.Tensor | None, y_test: torch.Tensor | None, probe: Probe | None,
+                 history: dict[str, Any], device: torch.device, precision: str, log: TextIO | None):
+        self.model, self.x_train, self.y_train, self.cfg = model, x_train, y_train, cfg
+        self.x_test, self.y_test, self.probe, self.history = x_test, y_test, probe, history
+        self.device, self.precision = device, precision
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        self.forward = compiled_or_eager(model, cfg.compile, log, "the model")
+
+    def start_epoch(self, epoch: int) -> None:
+        self.model.train()
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+
+    def train_batch(self, idx: torch.Tensor) -> None:
+        xb, yb = to_input(self.x_train[idx], self.cfg.channels_last), self.y_train[idx]
+        with autocast(self.device, self.precision):
+            logits = self.forward(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        # accumulate on the device: no host synchronisation inside the step loop
+        self.loss_sum += loss.detach() * yb.shape[0]
+        self.correct += (logits.detach().argmax(1) == yb).sum()
+
+    def end_epoch(self, epoch: int, seconds: float, evaluate: bool) -> list[dict[str, Any]]:
+        n = self.x_train.shape[0]
+        row = {"epoch": epoch, "train_loss": self.loss_sum.item() / n, "train_acc": self.correct.item() / n,
+               "train_seconds": seconds, "images_per_s": n / seconds}
+        finish_epoch(self.model, row, self.history, self.cfg, epoch, evaluate, self.x_train, self.x_test,
+                     self.y_test, self.probe, self.device, self.precision)
+        return [row]
+
+    def describe(self, row: dict[str, Any]) -> str:
+        return describe_row(row)
+
+
+def describe_row(row: dict[str, Any]) -> str:
+    """The epoch line's metrics of ``fit`` and ``fit_packed``."""
+    return (f"loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+            + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
 
 
 def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TrainConfig,
@@ -101,69 +149,35 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: Tra
     weights: shuffling uses its own generator seeded from ``cfg.seed``; the caller seeds model init.
     """
     cfg.check()
-    log = sys.stderr if log == "stderr" else log  # looked up per call, so redirected stderr is honoured
+    log = resolve_log(log)
     device = device or resolve_device()
     precision = effective_precision(device, cfg.precision)
-    if precision != cfg.precision:
-        _log_line(log, f"note: precision {cfg.precision!r} is not native on {device}; training in {precision}")
+    note_precision(log, device, cfg.precision, precision)
     model = prepare_model(model, device, cfg)
     x_dev, y_dev = x_train.to(device), y_train.to(device)
-    n = x_dev.shape[0]
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay)
-    step_model = compiled_or_eager(model, cfg.compile, log, "the model")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: dict[str, Any] = {"config": asdict(cfg), "device": str(device), "precision": precision,
-                               "epochs": [], "routing": [], "probe_names": probe.names if probe else []}
+    history = new_history(cfg, device, precision, routing=[], probe_names=probe.names if probe else [])
     if probe is not None:
         history["routing_init"] = record_routing(model, probe, device, cfg.channels_last)
-    steps_per_epoch = -(-n // cfg.batch_size)
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        t0 = last_report = time.perf_counter()
-        for step, start in enumerate(range(0, n, cfg.batch_size), 1):
-            idx = perm[start:start + cfg.batch_size]
-            xb, yb = to_input(x_dev[idx], cfg.channels_last), y_dev[idx]
-            with autocast(device, precision):
-                logits = step_model(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            # accumulate on the device: no host synchronisation inside the step loop
-            loss_sum += loss.detach() * yb.shape[0]
-            correct += (logits.detach().argmax(1) == yb).sum()
-            now = time.perf_counter()
-            if cfg.progress_seconds and now - last_report >= cfg.progress_seconds:
-                last_report = now
-                _log_line(log, f"epoch {epoch}/{cfg.epochs} step {step}/{steps_per_epoch} "
-                               f"{min(start + cfg.batch_size, n) / (now - t0):.0f} img/s, {now - t0:.0f} s")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
-               "train_seconds": train_seconds, "images_per_s": n / train_seconds}
-        finish_epoch(model, row, history, cfg, epoch, x_dev, x_test, y_test, probe, device, precision)
-        _log_line(log, "epoch {epoch}/{total}: loss {train_loss:.4f} acc {train_acc:.4f} ".format(
-            total=cfg.epochs, **row) + (f"test_acc {row['test_acc']:.4f} " if "test_acc" in row else "")
-            + f"({row['images_per_s']:.0f} img/s, {train_seconds:.1f} s)")
+    step = PlainStep(model, x_dev, y_dev, cfg, x_test, y_test, probe, history, device, precision, log)
+    run_epochs(step, x_dev.shape[0], train_schedule(cfg, [cfg.seed]), [history], device, log)
     return history
 
 
+def train_schedule(cfg: TrainConfig, seeds: list[int]) -> Schedule:
+    """The loop's schedule of a TrainConfig: a constant learning rate, the optimizer's own."""
+    return Schedule(cfg.epochs, cfg.batch_size, seeds, cfg.progress_seconds, cfg.eval_every)
+
+
 def finish_epoch(model: nn.Module, row: dict[str, Any], history: dict[str, Any], cfg: TrainConfig, epoch: int,
-                 x_train: torch.Tensor, x_test: torch.Tensor | None, y_test: torch.Tensor | None, probe: Probe | None,
-                 device: torch.device, precision: str) -> None:
-    """After an epoch's steps: recalibrate BN after the last one (if asked), evaluate the clean test set when due,
-    record the probe's routing, and append the epoch's row to the history (shared by ``fit`` and ``fit_packed``)."""
+                 evaluate: bool, x_train: torch.Tensor, x_test: torch.Tensor | None, y_test: torch.Tensor | None,
+                 probe: Probe | None, device: torch.device, precision: str) -> None:
+    """After an epoch's steps: recalibrate BN after the last one (if asked), evaluate the clean test set when the
+    schedule says so, record the probe's routing (shared by ``fit``'s and ``fit_packed``'s steps)."""
     from ..evaluate import predict_logits  # evaluate imports runtime only; imported here, train stays its base
 
-    last = epoch == cfg.epochs
-    if last and cfg.recalibrate_bn:
+    if epoch == cfg.epochs and cfg.recalibrate_bn:
         recalibrate_bn(model, x_train, cfg.eval_batch_size, device, precision, cfg.channels_last)
-    if x_test is not None and (last or (cfg.eval_every and epoch % cfg.eval_every == 0)):
+    if x_test is not None and evaluate:
         t1 = time.perf_counter()
         logits = predict_logits(model, x_test, device, cfg.eval_batch_size, precision, cfg.channels_last)
         yt = y_test.to(logits.device)
@@ -172,7 +186,6 @@ def finish_epoch(model: nn.Module, row: dict[str, Any], history: dict[str, Any],
         row["eval_seconds"] = time.perf_counter() - t1
     if probe is not None:
         history["routing"].append(record_routing(model, probe, device, cfg.channels_last))
-    history["epochs"].append(row)
 
 
 @torch.no_grad()

@@ -18,8 +18,6 @@ widen 10, where one model already fills the GPU (packed 0.55-0.95x eagerly, 0.99
 
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import asdict
 from typing import Any, Sequence, TextIO
 
@@ -36,7 +34,8 @@ from ..models.packed import (
     packed_step,
 )
 from ..runtime import effective_precision, resolve_device
-from .loop import Probe, TrainConfig, finish_epoch, fit, prepare_model, record_routing
+from .engine import new_history, note_precision, resolve_log, run_epochs
+from .loop import Probe, TrainConfig, describe_row, finish_epoch, fit, prepare_model, record_routing, train_schedule
 
 
 def check_pack_configs(cfgs: Sequence[TrainConfig]) -> None:
@@ -47,11 +46,6 @@ def check_pack_configs(cfgs: Sequence[TrainConfig]) -> None:
             if key != "seed" and value != first[key]:
                 raise ValueError(f"packed training: config key {key!r} differs between model 0 ({first[key]!r}) "
                                  f"and model {i} ({value!r}); packed models may differ only in 'seed'")
-
-
-def _log(stream: TextIO | None, msg: str) -> None:
-    if stream is not None:
-        print(msg, file=stream, flush=True)
 
 
 def fit_packed(models: Sequence[nn.Module], datasets: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -78,7 +72,7 @@ def fit_packed(models: Sequence[nn.Module], datasets: Sequence[tuple[torch.Tenso
     if len(set(sizes)) != 1 or any(int(y.shape[0]) != n for (_, y), n in zip(datasets, sizes)):
         raise ValueError(f"packed training: every model's training set must hold the same number of images "
                          f"and labels; got {sizes} images and {[int(y.shape[0]) for _, y in datasets]} labels")
-    log = sys.stderr if log == "stderr" else log  # looked up per call, so redirected stderr is honoured
+    log = resolve_log(log)
     device = device or resolve_device()
     if k_models == 1:
         return [fit(models[0], datasets[0][0], datasets[0][1], cfgs[0], x_test, y_test, probes[0], device, log)]
@@ -86,53 +80,64 @@ def fit_packed(models: Sequence[nn.Module], datasets: Sequence[tuple[torch.Tenso
     return _train(models, datasets, cfgs, x_test, y_test, probes, device, log, mode)
 
 
+class PackedStep:
+    """K models' SGD step as one batched computation (:mod:`pmoe_backdoor.models.packed`); after each epoch the
+    stacked weights go back into the models, which get ``fit``'s extras and rows one by one."""
+
+    def __init__(self, models: Sequence[nn.Module], x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig,
+                 x_test: torch.Tensor | None, y_test: torch.Tensor | None, probes: Sequence[Probe | None],
+                 histories: Sequence[dict[str, Any]], device: torch.device, precision: str, log: TextIO | None,
+                 mode: str):
+        self.models, self.x_all, self.y_all, self.cfg = list(models), x_all, y_all, cfg
+        self.x_test, self.y_test, self.probes, self.histories = x_test, y_test, probes, histories
+        self.device, self.precision, self.mode = device, precision, mode
+        self.model_count = len(self.models)
+        self.packed = PackedModels(self.models, mode)
+        self.optimizer = packed_optimizer(self.packed, cfg)
+        self.forward = packed_forward(self.packed, cfg.compile, log)
+        self.model_index = torch.arange(self.model_count, device=device).unsqueeze(1)  # (K, 1): gathers by row
+
+    def start_epoch(self, epoch: int) -> None:
+        self.loss_sum = torch.zeros(self.model_count, device=self.device)
+        self.correct = torch.zeros(self.model_count, device=self.device, dtype=torch.long)
+
+    def train_batch(self, idx: torch.Tensor) -> None:
+        # idx (K, b): each model's own batch
+        xb = packed_input(self.x_all[self.model_index, idx], self.cfg.channels_last, self.mode)
+        yb = self.y_all.gather(1, idx)
+        losses, logits = packed_step(self.forward, self.optimizer, xb, yb, self.device, self.precision)
+        self.loss_sum += losses * yb.shape[1]  # on the device: no host synchronisation inside the step loop
+        self.correct += (logits.argmax(2) == yb).sum(1)
+
+    def end_epoch(self, epoch: int, seconds: float, evaluate: bool) -> list[dict[str, Any]]:
+        n = self.x_all.shape[1]
+        self.packed.write_back()
+        loss_host, correct_host = self.loss_sum.tolist(), self.correct.tolist()
+        rows = []
+        for k, (model, probe, hist) in enumerate(zip(self.models, self.probes, self.histories)):
+            row = {"epoch": epoch, "train_loss": loss_host[k] / n, "train_acc": correct_host[k] / n,
+                   "train_seconds": seconds, "images_per_s": n / seconds}
+            finish_epoch(model, row, hist, self.cfg, epoch, evaluate, self.x_all[k], self.x_test, self.y_test,
+                         probe, self.device, self.precision)
+            rows.append(row)
+        return rows
+
+    def describe(self, row: dict[str, Any]) -> str:
+        return describe_row(row)
+
+
 def _train(models, datasets, cfgs, x_test, y_test, probes, device, log, mode) -> list[dict[str, Any]]:
-    cfg, k_models, n = cfgs[0], len(models), int(datasets[0][0].shape[0])
+    cfg, n = cfgs[0], int(datasets[0][0].shape[0])
     precision = effective_precision(device, cfg.precision)
-    if precision != cfg.precision:
-        _log(log, f"note: precision {cfg.precision!r} is not native on {device}; training in {precision}")
+    note_precision(log, device, cfg.precision, precision)
     models = [prepare_model(m, device, cfg) for m in models]
-    histories: list[dict[str, Any]] = [
-        {"config": asdict(c), "device": str(device), "precision": precision, "epochs": [], "routing": [],
-         "probe_names": p.names if p else []} for c, p in zip(cfgs, probes)]
+    histories = [new_history(c, device, precision, routing=[], probe_names=p.names if p else [])
+                 for c, p in zip(cfgs, probes)]
     for m, p, h in zip(models, probes, histories):
         if p is not None:
             h["routing_init"] = record_routing(m, p, device, cfg.channels_last)
     x_all = torch.stack([x.to(device) for x, _ in datasets])  # (K, N, 32, 32, 3) uint8
     y_all = torch.stack([y.to(device) for _, y in datasets])  # (K, N)
-    packed = PackedModels(models, mode)
-    opt = packed_optimizer(packed, cfg)
-    forward = packed_forward(packed, cfg.compile, log)
-    gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
-    rows = torch.arange(k_models, device=device).unsqueeze(1)
-    steps_per_epoch = -(-n // cfg.batch_size)
-    for epoch in range(1, cfg.epochs + 1):
-        perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)
-        loss_sum = torch.zeros(k_models, device=device)
-        correct = torch.zeros(k_models, device=device, dtype=torch.long)
-        t0 = last_report = time.perf_counter()
-        for step, start in enumerate(range(0, n, cfg.batch_size), 1):
-            idx = perms[:, start:start + cfg.batch_size]  # (K, b): each model's own batch
-            xb, yb = packed_input(x_all[rows, idx], cfg.channels_last, mode), y_all.gather(1, idx)
-            losses, logits = packed_step(forward, opt, xb, yb, device, precision)
-            loss_sum += losses * yb.shape[1]  # on the device: no host synchronisation inside the step loop
-            correct += (logits.argmax(2) == yb).sum(1)
-            now = time.perf_counter()
-            if cfg.progress_seconds and now - last_report >= cfg.progress_seconds:
-                last_report = now
-                _log(log, f"epoch {epoch}/{cfg.epochs} step {step}/{steps_per_epoch}: {k_models} packed models, "
-                          f"{k_models * min(start + cfg.batch_size, n) / (now - t0):.0f} img/s in all")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds = time.perf_counter() - t0
-        packed.write_back()
-        loss_host, correct_host = loss_sum.tolist(), correct.tolist()
-        for k, (model, probe, hist) in enumerate(zip(models, probes, histories)):
-            row = {"epoch": epoch, "train_loss": loss_host[k] / n, "train_acc": correct_host[k] / n,
-                   "train_seconds": train_seconds, "images_per_s": n / train_seconds}
-            finish_epoch(model, row, hist, cfg, epoch, x_all[k], x_test, y_test, probe, device, precision)
-            _log(log, f"model {k + 1}/{k_models} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} "
-                      f"acc {row['train_acc']:.4f}" + (f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""))
-        _log(log, f"epoch {epoch}/{cfg.epochs}: {k_models} packed models, {k_models * n / train_seconds:.0f} img/s "
-                  f"in all ({n / train_seconds:.0f} per model, {train_seconds:.1f} s)")
+    step = PackedStep(models, x_all, y_all, cfg, x_test, y_test, probes, histories, device, precision, log, mode)
+    run_epochs(step, n, train_schedule(cfg, [c.seed for c in cfgs]), histories, device, log)
     return histories
