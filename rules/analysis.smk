@@ -48,8 +48,12 @@ rule routing_maps:
         models=plan.analysis_models,
         classes=lambda wc: plan.analysis_classes(wc.dataset),
         device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/routing_maps/{{dataset}}/{{model}}.log",
+    threads: THREADS
+    resources:
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -72,8 +76,12 @@ rule fineprune_routing_maps:
         models=plan.fineprune_models,
         classes=lambda wc: plan.analysis_classes(wc.dataset),
         device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/fineprune_routing_maps/{{dataset}}/{{model}}.log",
+    threads: THREADS
+    resources:
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -92,9 +100,12 @@ rule routing_stats:
         triggers=plan.routing_stats_triggers,
         target=TARGET,
         device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/routing_stats/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
     threads: THREADS
+    resources:
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:

@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.common.configfile import load_configfile
 from snakemake.exceptions import WorkflowError
 
+from pmoe_backdoor.defenses import DEFENSES
 from pmoe_backdoor.plan import RESULTS, Plan, canonical
 
 
@@ -70,3 +71,4 @@ wildcard_constraints:
     coupling="free|tied",
     n=r"[0-9]+",
     set=r"[A-Za-z0-9_]+",
+    defense="|".join(DEFENSES),

@@ -65,17 +65,17 @@ rule evaluate_compression_attack:
         "../workflow/scripts/compression/evaluate_compression_attack.py"
 
 
-use rule neural_cleanse as compression_neural_cleanse with:
+use rule defend as compression_neural_cleanse with:
     input:
         data=f"{RESULTS}/data/{{dataset}}.npz",
         weights=f"{RESULTS}/{{dataset}}/{{model}}/compression/{{attack}}/seed{{seed}}/weights.safetensors",
     output:
         summary=f"{RESULTS}/{{dataset}}/{{model}}/compression/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.json",
-        masks=f"{RESULTS}/{{dataset}}/{{model}}/compression/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.safetensors",
+        artifacts=f"{RESULTS}/{{dataset}}/{{model}}/compression/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.safetensors",
     params:
-        optimizer=plan.nc_optimizer(),
-        classes=plan.nc.get("classes"),
-        images=plan.nc.get("images"),
+        defense="neural_cleanse",
+        config=plan.defense_config("neural_cleanse"),
+        triggers={},
         calibration=DEPLOY["calibration_images"],
         target=plan.compression_target,
         device=DEVICE,

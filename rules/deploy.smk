@@ -15,11 +15,12 @@ rule deploy_eval:
         target=TARGET,
         batch_size=config["evaluation"]["batch_size"],
         device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
     log:
         f"{RESULTS}/logs/deploy_eval/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
     threads: THREADS
     resources:
-        runtime=30,
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:
@@ -66,35 +67,6 @@ rule precision_table:
         "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/deploy/precision_table.py"
-
-
-rule neural_cleanse:
-    """Neural Cleanse on one model at one deployment precision: reversed masks and the anomaly index."""
-    input:
-        data=f"{RESULTS}/data/{{dataset}}.npz",
-        weights=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/weights.safetensors",
-    output:
-        summary=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.json",
-        masks=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/neural_cleanse/{{precision}}.safetensors",
-    params:
-        optimizer=plan.nc_optimizer(),
-        classes=plan.nc.get("classes"),
-        images=plan.nc.get("images"),
-        calibration=DEPLOY["calibration_images"],
-        target=TARGET,
-        device=DEVICE,
-        jobs_per_gpu=JOBS_PER_GPU,
-    log:
-        f"{RESULTS}/logs/neural_cleanse/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/neural_cleanse/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/{{precision}}.tsv"
-    threads: THREADS
-    resources:
-        **GPU_JOB,
-    conda:
-        "../envs/pmoe.yaml"
-    script:
-        "../workflow/scripts/deploy/neural_cleanse.py"
 
 
 rule detection_table:

@@ -9,12 +9,13 @@ rule evaluate:
     params:
         target=TARGET,
         device=DEVICE,
+        jobs_per_gpu=JOBS_PER_GPU,
         batch_size=config["evaluation"]["batch_size"],
     log:
         f"{RESULTS}/logs/evaluate/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}.log",
     threads: THREADS
     resources:
-        runtime=30,
+        **GPU_JOB,
     conda:
         "../envs/pmoe.yaml"
     script:

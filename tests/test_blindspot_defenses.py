@@ -249,7 +249,9 @@ def test_blindspot_table_rates_and_claims(tmp_path):
         return str(tmp_path / name)
 
     run = lambda attack, seed: {"dataset": "g", "model": "pmoe", "attack": attack, "seed": seed}  # noqa: E731
-    defenses = [write(f"nc_{a}_{s}_{p}.json", {**run(a, s), "precision": p, "flagged": flag})
+    # summaries as the generic defense job writes them: the registry name, the decision, the target found or None
+    defenses = [write(f"nc_{a}_{s}_{p}.json", {**run(a, s), "defense_name": "neural_cleanse", "precision": p,
+                                                "flagged": flag, "target_found": None})
                 for a, s, p, flag in [("square-10", 0, "int8_dynamic", False), ("square-10", 1, "int8_dynamic", False),
                                       ("square-10", 0, "int4", True), ("square-10", 1, "int4", False),
                                       ("clean", 0, "int4", True)]]
@@ -259,11 +261,13 @@ def test_blindspot_table_rates_and_claims(tmp_path):
     fine_pruned = [write("fp.json", [{**run("square-10", 0), "fine_pruned": "clean 30 %", "precision": "int4",
                                       "ba": 85.0, "asr": 12.0}])]
     # label-level summaries: flagging some label detects the model; the target column asks whether it was the target
-    defenses += [write(f"ss_{a}_{s}.json", {**run(a, s), "defense": "Spectral Signatures", "precision": "int4",
-                                            "target": 0, "flagged_labels": labels, "flagged": bool(labels)})
+    defenses += [write(f"ss_{a}_{s}.json", {**run(a, s), "defense_name": "spectral_signatures", "precision": "int4",
+                                            "target": 0, "flagged_labels": labels, "flagged": bool(labels),
+                                            "target_found": None if a == "clean" else 0 in labels})
                  for a, s, labels in [("square-10", 0, [3]), ("square-10", 1, [0, 3]), ("clean", 0, [5])]]
-    defenses[3] = write("nc_target.json", {**run("square-10", 1), "precision": "int4", "flagged": False,
-                                           "target": 0, "detected_target": False})
+    defenses[3] = write("nc_target.json", {**run("square-10", 1), "defense_name": "neural_cleanse",
+                                           "precision": "int4", "flagged": False, "target": 0,
+                                           "detected_target": False, "target_found": False})
     out = [str(tmp_path / f"t.{e}") for e in ("csv", "md", "tex")]
     t = blindspot_table(defenses, deployed, fine_pruned, 20.0, "gtsrb", *out)
     rows = {(r["defense"], r["trigger"], r["precision"]): r for r in t.to_dict("records")}
@@ -271,7 +275,7 @@ def test_blindspot_table_rates_and_claims(tmp_path):
     assert ss["detected_mean"] == 100.0 and ss["target_found_mean"] == 50.0
     assert rows[("Spectral Signatures", "clean", "int4")]["detected_mean"] == 100.0
     assert np.isnan(rows[("Spectral Signatures", "clean", "int4")]["target_found_mean"])  # no target on a clean model
-    assert rows[("Neural Cleanse", "square", "int4")]["target_found_mean"] == 0.0  # the summary without it: skipped
+    assert rows[("Neural Cleanse", "square", "int4")]["target_found_mean"] == 0.0  # the summaries without it: skipped
     assert np.isnan(rows[("Neural Cleanse", "square", "int8_dynamic")]["target_found_mean"])
     assert "Target label flagged %" in open(out[1]).read()
     nc8 = rows[("Neural Cleanse", "square", "int8_dynamic")]
@@ -287,6 +291,10 @@ def test_blindspot_table_rates_and_claims(tmp_path):
     # on CIFAR-10 the paper says NC fails at int4: 50 % detected disagrees
     t = blindspot_table(defenses, deployed, fine_pruned, 20.0, "cifar10", *out)
     assert t[(t.defense == "Neural Cleanse") & (t.precision == "int4") & (t.trigger == "square")].agrees.item() is False
+    # a summary that is not a registered defense's is an error naming the file
+    bad = write("bad.json", {**run("square-10", 0), "precision": "int4", "flagged": True})
+    with pytest.raises(ValueError, match="bad.json: not a defense summary"):
+        blindspot_table([bad], deployed, fine_pruned, 20.0, "gtsrb", *out)
 
 
 # ----- the blindspot figure -----

@@ -8,9 +8,14 @@ import pytest
 from pmoe_backdoor.attacks.triggers import SquareTrigger, load_trigger
 from pmoe_backdoor.io import read_json
 from pmoe_backdoor.jobs.common import RunId
-from pmoe_backdoor.jobs.compression import compression_attack_job, compression_eval_job
+from pmoe_backdoor.jobs.compression import (
+    CompressionAttackJob,
+    CompressionEvalJob,
+    compression_attack_job,
+    compression_eval_job,
+)
 from pmoe_backdoor.jobs.data import prepare_data
-from pmoe_backdoor.jobs.deploy import neural_cleanse_job
+from pmoe_backdoor.jobs.defend import DefenseJob, defense_job
 from pmoe_backdoor.models.checkpoint import load_model
 from pmoe_backdoor.reporting.compression import compression_table, roc_auc, row_sentence
 
@@ -30,11 +35,18 @@ def attack(tmp_path_factory) -> dict[str, str]:
                                      "nc.json", "nc.safetensors")}
     prepare_data({"source": "synthetic", "num_classes": 4, "n_train": 128, "n_test": 48, "seed": 0},
                  paths["data.npz"])
-    compression_attack_job(paths["data.npz"], MODEL, dict(ATTACK, variant="faithful"), TRIGGER, 1, calibration=32,
-                           max_fp32_asr=20, ba_tolerance=0.5, device="cpu", run=RunId("synth", "pmoe", "faithful-1", 0),
-                           out_weights=paths["w.safetensors"], out_history=paths["h.json"],
-                           out_trigger=paths["t.safetensors"])
+    compression_attack_job(attack_job(paths["data.npz"], dict(ATTACK, variant="faithful"), 1, calibration=32,
+                                      run=RunId("synth", "pmoe", "faithful-1", 0), out_weights=paths["w.safetensors"],
+                                      out_history=paths["h.json"], out_trigger=paths["t.safetensors"]))
     return paths
+
+
+def attack_job(data: str, attack_cfg: dict, target: int, calibration: int, run: RunId, out_weights: str,
+               out_history: str, out_trigger: str) -> CompressionAttackJob:
+    """An attack model of MODEL with the square TRIGGER, kept by the rule max fp32 ASR 20 %, BA tolerance 0.5."""
+    return CompressionAttackJob(data=data, model=MODEL, attack=attack_cfg, trigger=TRIGGER, target=target,
+                                calibration=calibration, max_fp32_asr=20, ba_tolerance=0.5, device="cpu", run=run,
+                                out_weights=out_weights, out_history=out_history, out_trigger=out_trigger)
 
 
 def test_attack_job_keeps_the_chosen_epoch_and_its_trigger(attack):
@@ -50,25 +62,24 @@ def test_attack_job_keeps_the_chosen_epoch_and_its_trigger(attack):
 
 def test_attack_job_rejects_a_target_outside_the_classes(attack, tmp_path):
     with pytest.raises(ValueError, match="target 7"):
-        compression_attack_job(attack["data.npz"], MODEL, ATTACK, TRIGGER, 7, 16, 20, 0.5, "cpu",
-                               RunId("synth", "pmoe", "faithful-7", 0), str(tmp_path / "w"), str(tmp_path / "h"),
-                               str(tmp_path / "t"))
+        compression_attack_job(attack_job(attack["data.npz"], ATTACK, 7, 16, RunId("synth", "pmoe", "faithful-7", 0),
+                                          str(tmp_path / "w"), str(tmp_path / "h"), str(tmp_path / "t")))
 
 
 def test_prune_unknown_attack_job(attack, tmp_path):
     out = {n: str(tmp_path / n) for n in ("w", "h", "t")}
-    h = compression_attack_job(attack["data.npz"], MODEL, dict(ATTACK, epochs=1, variant="prune_unknown"),
-                               TRIGGER, 2, 32, 20, 0.5, "cpu", RunId("synth", "pmoe", "prune_unknown-2", 3), out["w"],
-                               out["h"], out["t"])
+    h = compression_attack_job(attack_job(attack["data.npz"], dict(ATTACK, epochs=1, variant="prune_unknown"), 2, 32,
+                                          RunId("synth", "pmoe", "prune_unknown-2", 3), out["w"], out["h"], out["t"]))
     assert h["variant"] == "prune_unknown" and h["target"] == 2 and h["chosen_epoch"] == 1
     assert h["config"]["prune_lower"] == 10.0 and h["config"]["alpha"] == 0.1
     assert load_model(out["w"])[1]["compression_attack"] == "prune_unknown"
 
 
 def test_eval_job_measures_every_compression(attack):
-    r = compression_eval_job(attack["data.npz"], attack["w.safetensors"], attack["t.safetensors"], attack["h.json"],
-                             1, 32, FP, FINETUNE, 500, "cpu", RunId("synth", "pmoe", "faithful-1", 0),
-                             attack["eval.json"])
+    r = compression_eval_job(CompressionEvalJob(
+        data=attack["data.npz"], weights=attack["w.safetensors"], trigger=attack["t.safetensors"],
+        history=attack["h.json"], target=1, calibration=32, fine_pruning=FP, finetune=FINETUNE, batch_size=500,
+        device="cpu", run=RunId("synth", "pmoe", "faithful-1", 0), out=attack["eval.json"]))
     assert r == read_json(attack["eval.json"])
     for name in ("fp32", "int8_faithful", "int8_matched", "int4"):
         assert 0 <= r[name]["ba"] <= 100 and 0 <= r[name]["asr"] <= 100
@@ -82,8 +93,11 @@ def test_eval_job_measures_every_compression(attack):
 def test_table_from_evaluations_and_neural_cleanse(attack, tmp_path):
     if not read_json(attack["eval.json"]).get("fine_pruning"):
         pytest.skip("needs test_eval_job_measures_every_compression's output")
-    neural_cleanse_job(attack["data.npz"], attack["w.safetensors"], "fp32", attack["nc.json"], attack["nc.safetensors"],
-                       {"epochs": 1, "batch_size": 16}, 2, 16, 16, 1, "cpu", RunId("synth", "pmoe", "faithful-1", 0))
+    defense_job(DefenseJob("neural_cleanse", attack["data.npz"], attack["w.safetensors"], "fp32",
+                           RunId("synth", "pmoe", "faithful-1", 0), {"optimizer": {"epochs": 1, "batch_size": 16},
+                                                                     "schedule": "fast", "classes": 2, "images": 16},
+                           16, 1),
+                attack["nc.json"], attack["nc.safetensors"], "cpu")
     out = {k: str(tmp_path / f"t.{k}") for k in ("csv", "md", "tex", "html")}
     df = compression_table([attack["eval.json"]], [attack["nc.json"]], [attack["nc.json"]], out["csv"], out["md"],
                            out["tex"], out["html"])

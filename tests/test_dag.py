@@ -51,14 +51,17 @@ def smoke_dag(tmp_path_factory) -> dict:
     return dag(tmp_path_factory.mktemp("smoke-dag"))
 
 
+def neural_cleanse_jobs(dump: dict) -> list[dict]:
+    return [j for j in dump["jobs"] if j["params"].get("defense") == "neural_cleanse"]
+
+
 def test_every_neural_cleanse_rule_gets_the_schedule(smoke_dag: dict, tmp_path: Path):
     changed = dag(tmp_path, overlay(tmp_path, "original", {"neural_cleanse": {"schedule": "original"}}))
-    rules = {j["rule"] for j in changed["jobs"] if "neural_cleanse" in j["rule"] and j["rule"] != "neural_cleanse"}
-    assert "compression_neural_cleanse" in rules  # the compression study's, besides the detection table's
-    nc_jobs = [j for j in changed["jobs"] if j["rule"] in rules | {"neural_cleanse"}]
-    assert nc_jobs and all(j["params"]["optimizer"].get("schedule") == "original" for j in nc_jobs)
-    # the default schedule keeps the params its results were made with
-    assert all("schedule" not in j["params"]["optimizer"] for j in smoke_dag["jobs"] if "optimizer" in j["params"])
+    nc_jobs = neural_cleanse_jobs(changed)
+    # the compression study's, besides the detection and blindspot tables'
+    assert {j["rule"] for j in nc_jobs} == {"defend", "compression_neural_cleanse"}
+    assert all(j["params"]["config"]["schedule"] == "original" for j in nc_jobs)
+    assert all(j["params"]["config"]["schedule"] == "fast" for j in neural_cleanse_jobs(smoke_dag))
 
 
 def test_a_change_of_train_epochs_reruns_no_job_that_overrides_them(smoke_dag: dict, tmp_path: Path):
@@ -75,7 +78,10 @@ def test_every_gpu_rule_goes_to_the_gpu_partition(smoke_dag: dict, tmp_path: Pat
     packed = dag(tmp_path, overlay(tmp_path, "pack", {"train": {"pack": 2}}))
     gpu_rules = {name for dump in (smoke_dag, packed) for name, resources in dump["rules"].items()
                  if "gpu" in resources}
-    assert {"train_model", "train_pack", "fine_prune", "neural_cleanse", "compression_neural_cleanse"} <= gpu_rules
+    assert {"train_model", "train_pack", "fine_prune", "defend", "compression_neural_cleanse"} <= gpu_rules
+    # the model evaluations too: without a GPU slot of their own they would all run on the first GPU
+    assert {"evaluate", "deploy_eval", "deploy_eval_fine_pruned", "prune_sweep", "routing_stats", "routing_maps",
+            "fineprune_routing_maps"} <= gpu_rules
     profile = yaml.safe_load(SLURM.read_text())
     cpu_partition = profile["default-resources"]["slurm_partition"]
     for rule in gpu_rules:
@@ -89,6 +95,17 @@ def test_every_gpu_rule_goes_to_the_gpu_partition(smoke_dag: dict, tmp_path: Pat
         assert not {"runtime", "mem_mb"} & set(settings), rule
     # and nothing else is sent to the GPU partition (train_model with train.pack > 1 only links a packed job's run)
     assert set(profile["set-resources"]) <= gpu_rules
+
+
+def test_every_rule_given_a_device_asks_for_a_gpu(smoke_dag: dict):
+    """The scripts' job_context claims a GPU slot exactly for a rule with the gpu resource and computes on the CPU
+    otherwise: a rule given params.device without that resource would not run where the config says."""
+    with_device = {j["rule"] for j in smoke_dag["jobs"] if "device" in j["params"]}
+    assert {"train_model", "evaluate", "deploy_eval", "routing_maps", "select_candidate"} <= with_device
+    assert sorted(rule for rule in with_device if "gpu" not in smoke_dag["rules"][rule]) == []
+    # and each of them says how many jobs may share a GPU, which the claim needs
+    assert sorted({j["rule"] for j in smoke_dag["jobs"] if "device" in j["params"]
+                   and "jobs_per_gpu" not in j["params"]}) == []
 
 
 def dry_run(workdir: Path, *configfiles: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""Tests of defenses.fine_pruning and jobs.defense.fineprune_data against spec section 5 (Fine-Pruning)."""
+"""Tests of defenses.fine_pruning and jobs.defense.fineprune_data against docs/faithful-behaviour.md §6
+(Fine-Pruning)."""
 
 from __future__ import annotations
 

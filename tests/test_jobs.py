@@ -4,6 +4,7 @@ then each job that reads them (the same chain the Snakefile runs, without Snakem
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,11 @@ from pmoe_backdoor.attacks.poison import PoisonRecord
 from pmoe_backdoor.jobs.analysis import routing_maps_job, routing_stats_job, trigger_examples_job
 from pmoe_backdoor.jobs.common import JobData, RunId
 from pmoe_backdoor.jobs.data import prepare_data
-from pmoe_backdoor.jobs.defense import fine_prune_job, prune_sweep_job
-from pmoe_backdoor.jobs.deploy import deploy_eval_job, neural_cleanse_job
+from pmoe_backdoor.jobs.defense import FinePruneJob, PruneSweepJob, fine_prune_job, prune_sweep_job
+from pmoe_backdoor.jobs.deploy import DeployEvalJob, deploy_eval_job
 from pmoe_backdoor.jobs.evaluate import evaluate_job
 from pmoe_backdoor.jobs.poison import clean_record_file, make_poison_file, make_trigger_file, trigger_seed
-from pmoe_backdoor.jobs.train import train_job
+from pmoe_backdoor.jobs.train import TrainJob, train_job
 from pmoe_backdoor.models.checkpoint import load_model
 
 MODEL = {"arch": "pmoe", "widen_factor": 1, "num_experts": 4, "top_k": 16, "bn_momentum": 0.1}
@@ -38,8 +39,9 @@ def study(tmp_path_factory) -> dict[str, str]:
     make_trigger_file("square", {"size": 4}, trigger_seed("square", 0, RUN.seed), paths["trigger"])
     make_poison_file(paths["data"], paths["trigger"], 10, RUN.seed, target=0, exclude_target=False,
                      out=paths["poison"])
-    train_job(paths["data"], MODEL, TRAIN, RUN.seed, paths["weights"], paths["history"], paths["poison"],
-              paths["trigger"], device="cpu", probes=2)
+    train_job(TrainJob(data=paths["data"], model=MODEL, train=TRAIN, seed=RUN.seed, out_weights=paths["weights"],
+                       out_history=paths["history"], poison=paths["poison"], trigger=paths["trigger"], device="cpu",
+                       probes=2))
     return paths
 
 
@@ -78,8 +80,9 @@ def test_train_job_writes_weights_and_history(study):
 
 def test_train_job_is_reproducible_on_cpu(study, tmp_path):
     again = tmp_path / "w.safetensors"
-    train_job(study["data"], MODEL, TRAIN, RUN.seed, str(again), str(tmp_path / "h.json"), study["poison"],
-              study["trigger"], device="cpu", probes=0)
+    train_job(TrainJob(data=study["data"], model=MODEL, train=TRAIN, seed=RUN.seed, out_weights=str(again),
+                       out_history=str(tmp_path / "h.json"), poison=study["poison"], trigger=study["trigger"],
+                       device="cpu", probes=0))
     a, _ = load_model(study["weights"])
     b, _ = load_model(again)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -101,8 +104,11 @@ def test_evaluate_job_without_trigger_has_no_asr(study, tmp_path):
 
 def test_fine_prune_job_measures_three_stages_and_saves_weights(study, tmp_path):
     fp = {"epochs": 1, "lr": 0.05, "activation_images": 64, "mask": False}
-    r = fine_prune_job(study["data"], study["weights"], study["poison"], study["trigger"], str(tmp_path / "m.json"),
-                       str(tmp_path / "w.safetensors"), 30.0, "authors", fp, TRAIN, 0, "cpu", RUN)
+    r = fine_prune_job(FinePruneJob(data=study["data"], weights=study["weights"], poison=study["poison"],
+                                    trigger=study["trigger"], out=str(tmp_path / "m.json"),
+                                    out_weights=str(tmp_path / "w.safetensors"), prune_rate=30.0,
+                                    finetune_data="authors", fine_pruning=fp, train=TRAIN, target=0, device="cpu",
+                                    run=RUN))
     assert set(r["before"]) == {"ca", "asr"} and len(r["finetune_history"]) == 1
     _, meta = load_model(tmp_path / "w.safetensors")
     assert meta["fine_pruned"] == 30.0
@@ -111,8 +117,10 @@ def test_fine_prune_job_measures_three_stages_and_saves_weights(study, tmp_path)
 
 
 def test_prune_sweep_job_zero_rate_equals_the_model(study, tmp_path):
-    rows = prune_sweep_job(study["data"], study["weights"], study["trigger"], study["poison"],
-                           str(tmp_path / "s.json"), [0.0, 90.0], "authors", 64, 0, "cpu", RUN)
+    rows = prune_sweep_job(PruneSweepJob(data=study["data"], weights=study["weights"], trigger=study["trigger"],
+                                         poison=study["poison"], out=str(tmp_path / "s.json"), rates=[0.0, 90.0],
+                                         activation_data="authors", activation_images=64, target=0, device="cpu",
+                                         run=RUN))
     m = evaluate_job(study["data"], study["weights"], str(tmp_path / "m.json"), study["trigger"], 0, 32, "cpu", RUN)
     assert [r["prune_rate"] for r in rows] == [0.0, 90.0]
     assert rows[0]["ca"] == pytest.approx(m["ba"]) and rows[0]["asr"] == pytest.approx(m["asr"])
@@ -142,8 +150,8 @@ def test_routing_maps_job_and_trigger_examples(study, tmp_path):
 
 def test_deploy_eval_job_at_each_precision(study, tmp_path):
     precisions = ["fp32", "int8", "int4", "int8_dynamic"]
-    rows = deploy_eval_job(study["data"], study["weights"], precisions, str(tmp_path / "d.json"),
-                           study["trigger"], 32, 0, 32, "cpu", RUN, fine_pruned="authors 30 %")
+    rows = deploy_eval_job(deployment(study, precisions, str(tmp_path / "d.json"), calibration=32,
+                                      fine_pruned="authors 30 %"))
     assert [r["precision"] for r in rows] == precisions
     assert rows[0]["routing_change_clean"] == 0.0 and rows[0]["routing_change_triggered"] == 0.0
     assert rows[1]["calibration_images"] == 32 and rows[2]["calibration_images"] == 0
@@ -153,13 +161,24 @@ def test_deploy_eval_job_at_each_precision(study, tmp_path):
     assert all(r["fine_pruned"] == "authors 30 %" and r["seed"] == RUN.seed for r in rows)
 
 
+def defend(study: dict[str, str], tmp_path: Path, defense: str, precision: str, config: dict, name: str,
+           triggers: dict[str, str] | None = None, calibration: int = 16) -> dict:
+    """The generic defense job on the study's model (target 0)."""
+    from pmoe_backdoor.jobs.defend import DefenseJob, defense_job
+
+    spec = DefenseJob(defense, study["data"], study["weights"], precision, RUN, config, calibration, 0,
+                      triggers or {}, study["poison"])
+    return defense_job(spec, str(tmp_path / f"{name}.json"), str(tmp_path / f"{name}.safetensors"), "cpu")
+
+
 def test_neural_cleanse_job_writes_summary_and_masks(study, tmp_path):
     from pmoe_backdoor.io import load_tensors
 
-    s = neural_cleanse_job(study["data"], study["weights"], "fp32", str(tmp_path / "nc.json"),
-                           str(tmp_path / "nc.safetensors"), {"epochs": 1, "batch_size": 16}, 2, 32, 32, 0, "cpu",
-                           RUN)
+    s = defend(study, tmp_path, "neural_cleanse", "fp32", {"optimizer": {"epochs": 1, "batch_size": 16},
+                                                           "schedule": "fast", "classes": 2, "images": 32}, "nc",
+               calibration=32)
     assert s["images"] == 32 and len(s["classes"]) == 2 and s["precision"] == "fp32"
+    assert s["defense_name"] == "neural_cleanse" and s["target_found"] == s["detected_target"]
     masks, meta = load_tensors(tmp_path / "nc.safetensors")
     assert meta["classes"] == [0, 1] and masks["mask_0"].shape == (32, 32)
 
@@ -168,6 +187,8 @@ def test_merging_jobs_from_victims_to_table(study, tmp_path, monkeypatch):
     """finetune_victim -> msd_strategy -> merge_models -> select_candidate -> merging_table and strategy figure;
     then defend_merged -> merged_defense_table on the same merged models."""
     from pmoe_backdoor.jobs.merging import (
+        DefendMergedJob,
+        SelectCandidateJob,
         defend_merged_job,
         finetune_victim_job,
         merge_models_job,
@@ -191,10 +212,11 @@ def test_merging_jobs_from_victims_to_table(study, tmp_path, monkeypatch):
     strategy_job(2, False, {}, {}, str(strategy))
     files = merge_models_job(list(victims.values()), str(strategy), "cyclic", str(tmp_path / "merged"))
     assert set(files) == {"WAG", "M_01", "M_10"}
-    record = select_candidate_job(study["data"], victims, {"square": study["trigger"]}, str(tmp_path / "merged"), 5,
-                                  0, {"steps": 5}, 0, 32, "cpu", {"dataset": "synth", "model": "pmoe", "set": "bs",
-                                                                  "seed": 0, "coupling": "free"},
-                                  str(tmp_path / "selection.json"))
+    record = select_candidate_job(SelectCandidateJob(
+        data=study["data"], victims=victims, triggers={"square": study["trigger"]}, merged=str(tmp_path / "merged"),
+        holdout_per_class=5, holdout_seed=0, inversion={"steps": 5}, target=0, batch_size=32, device="cpu",
+        identity={"dataset": "synth", "model": "pmoe", "set": "bs", "seed": 0, "coupling": "free"},
+        out=str(tmp_path / "selection.json")))
     assert record["held_out"] == 20 and record["evaluated"] == 44  # 5 of each of the 4 classes held out
     assert record["chosen"] in ("M_01", "M_10") and set(record["models"]) == {"benign", "square", "WAG", "M_01",
                                                                                "M_10"}
@@ -217,13 +239,17 @@ def test_merging_jobs_from_victims_to_table(study, tmp_path, monkeypatch):
         return real_fit(model, x, y, *args, **kwargs)
 
     monkeypatch.setattr(defend, "fit", spy_fit)
-    args = (study["data"], {"square": study["trigger"]}, str(tmp_path / "merged"), str(tmp_path / "selection.json"))
-    fp = {"epochs": 2, "lr": 0.01, "mask": False}
-    ident = {k: record[k] for k in ("dataset", "model", "set", "seed", "coupling")}
+    defense = DefendMergedJob(
+        data=study["data"], triggers={"square": study["trigger"]}, merged=str(tmp_path / "merged"),
+        selection=str(tmp_path / "selection.json"), holdout_per_class=5, holdout_seed=0,
+        precisions=["fp32", "int8", "int4"], calibration=32, prune_rates=[0.0, 50.0],
+        fine_pruning={"epochs": 2, "lr": 0.01, "mask": False}, train=TRAIN, target=0, batch_size=32, device="cpu",
+        identity={k: record[k] for k in ("dataset", "model", "set", "seed", "coupling")},
+        out=str(tmp_path / "merged_defense.json"))
     with pytest.raises(ValueError, match="must be select_candidate's"):  # another held-out split: refused
-        defend_merged_job(*args, 4, 0, ["fp32"], 32, [], fp, TRAIN, 0, 32, "cpu", ident, str(tmp_path / "x.json"))
-    d = defend_merged_job(*args, 5, 0, ["fp32", "int8", "int4"], 32, [0.0, 50.0], fp, TRAIN, 0, 32, "cpu", ident,
-                          str(tmp_path / "merged_defense.json"))
+        defend_merged_job(replace(defense, holdout_per_class=4, precisions=["fp32"], prune_rates=[],
+                                  out=str(tmp_path / "x.json")))
+    d = defend_merged_job(defense)
     assert d["chosen"] == record["chosen"] and d["calibration_images"] == 32
     assert d["models"]["MSD (selected)"]["name"] == record["chosen"]
     held, _ = holdout_split(JobData.open(study["data"]).y_test, 5, 0)
@@ -248,57 +274,66 @@ def test_merging_jobs_from_victims_to_table(study, tmp_path, monkeypatch):
 
 
 def test_blindspot_jobs_from_defenses_to_table(study, tmp_path):
-    """strip / activation_clustering / spectral_signatures jobs on the study's model, then the blindspot table and
-    figure."""
-    from pmoe_backdoor.jobs.blindspot import (
-        activation_clustering_job,
-        blindspot_figure,
-        blindspot_table,
-        spectral_signatures_job,
-        strip_job,
-    )
+    """strip / activation_clustering / spectral_signatures / fine_tuning through the generic defense job on the
+    study's model, then the blindspot table and figure."""
+    from pmoe_backdoor.jobs.blindspot import blindspot_figure, blindspot_table
 
     rec = PoisonRecord.load(study["poison"])
-    s = strip_job(study["data"], study["weights"], "int8", {"square": study["trigger"]}, str(tmp_path / "s.json"),
-                  {"overlays": 4, "holdout": 20, "test_images": 30, "frr": 0.05, "flag_rate": 0.5,
-                   "superimpose": "add", "batch_size": 64, "threshold": "empirical"}, 16, 0, "cpu", RUN)
+    trigger = {"square": study["trigger"]}
+    strip_cfg = {"overlays": 4, "holdout": 20, "test_images": 30, "frr": 0.05, "flag_rate": 0.5,
+                 "superimpose": "add", "batch_size": 64, "threshold": "empirical"}
+    s = defend(study, tmp_path, "strip", "int8", strip_cfg, "s", trigger)
     assert s["precision"] == "int8" and s["defense"] == "STRIP" and set(s["triggers"]) == {"square"}
-    assert 0 <= s["frr"] <= 1 and isinstance(s["flagged"], bool)
+    assert 0 <= s["frr"] <= 1 and isinstance(s["flagged"], bool) and s["target_found"] is None
     with pytest.raises(ValueError, match="exceeds the 64 test images"):
-        strip_job(study["data"], study["weights"], "fp32", {"square": study["trigger"]}, str(tmp_path / "x.json"),
-                  {**s["config"], "holdout": 40}, 16, 0, "cpu", RUN)
-    a = activation_clustering_job(study["data"], study["weights"], study["poison"], "int4", str(tmp_path / "a.json"),
-                                  {"dims": 10, "size_threshold": 0.35, "silhouette_threshold": 0.5, "restarts": 2,
-                                   "silhouette_samples": 100, "batch_size": 64}, 16, "cpu", RUN)
+        defend(study, tmp_path, "strip", "fp32", {**strip_cfg, "holdout": 40}, "x", trigger)
+    a = defend(study, tmp_path, "activation_clustering", "int4",
+               {"dims": 10, "size_threshold": 0.35, "silhouette_threshold": 0.5, "restarts": 2,
+                "silhouette_samples": 100, "batch_size": 64}, "a")
     assert a["precision"] == "int4" and a["poisoned"] == len(rec.indices) and a["target"] == 0
     assert a["feature_dims"] == 64  # the head's input: 4 experts x 16 channels at widen 1
     assert sum(r["samples"] for r in a["labels"]) == 192
-    sp = spectral_signatures_job(study["data"], study["weights"], study["poison"], "fp32", str(tmp_path / "p.json"),
-                                 {"epsilon": None, "removal": 1.5, "anomaly_threshold": 2.0}, 16, "cpu", RUN)
+    assert a["target_found"] == (0 in a["flagged_labels"])
+    sp = defend(study, tmp_path, "spectral_signatures", "fp32",
+                {"epsilon": None, "removal": 1.5, "anomaly_threshold": 2.0, "batch_size": 500}, "p")
     # epsilon: the poisoned share of label 0 in the poisoned set
     y = JobData.open(study["data"]).y_train.clone()
     y[rec.indices] = 0
     assert sp["epsilon"] == pytest.approx(len(rec.indices) / int((y == 0).sum()))
+    ft = defend(study, tmp_path, "fine_tuning", "fp32",
+                {"images": 64, "epochs": 1, "lr": 0.01, "batch_size": 32, "momentum": 0.9, "weight_decay": 0.0,
+                 "removal_asr": 20, "eval_batch_size": 64}, "f", trigger)
+    assert ft["images"] == 64 and ft["flagged"] == (ft["asr_after"] < 20) and ft["target_found"] is None
     deployed = str(tmp_path / "deployed.json")
-    deploy_eval_job(study["data"], study["weights"], ["fp32", "int8", "int4"], deployed, study["trigger"], 16, 0, 32,
-                    "cpu", RUN)
+    deploy_eval_job(deployment(study, ["fp32", "int8", "int4"], deployed, calibration=16))
+    # before fine-tuning, the fp32 model as deploy_eval measures it
+    assert ft["asr_before"] == pytest.approx(read_json_list(deployed)[0]["asr"])
     fine_pruned = str(tmp_path / "fp_deployed.json")
-    deploy_eval_job(study["data"], study["weights"], ["fp32", "int8"], fine_pruned, study["trigger"], 16, 0, 32, "cpu",
-                    RUN, fine_pruned="authors 30 %")
+    deploy_eval_job(deployment(study, ["fp32", "int8"], fine_pruned, calibration=16, fine_pruned="authors 30 %"))
     out = {ext: str(tmp_path / f"blindspot.{ext}") for ext in ("csv", "md", "tex", "html")}
-    summary = blindspot_table([str(tmp_path / f) for f in ("s.json", "a.json", "p.json")], [deployed], [fine_pruned],
-                              20.0, "gtsrb", out["csv"], out["md"], out["tex"], out["html"])
+    summary = blindspot_table([str(tmp_path / f) for f in ("s.json", "a.json", "p.json", "f.json")], [deployed],
+                              [fine_pruned], 20.0, "gtsrb", out["csv"], out["md"], out["tex"], out["html"])
     rows = {(r["defense"], r["precision"]): r for r in summary.to_dict("records")}
     assert set(rows) == {("STRIP", "int8"), ("Activation Clustering", "int4"), ("Spectral Signatures", "fp32"),
-                         ("Fine-Pruning (authors 30 %)", "fp32"), ("Fine-Pruning (authors 30 %)", "int8")}
+                         ("Fine-tuning", "fp32"), ("Fine-Pruning (authors 30 %)", "fp32"),
+                         ("Fine-Pruning (authors 30 %)", "int8")}
     measured = {r["precision"]: r for r in read_json_list(deployed)}
     assert rows[("STRIP", "int8")]["asr_mean"] == pytest.approx(measured["int8"]["asr"])
     assert rows[("STRIP", "int8")]["detected_mean"] == 100.0 * s["flagged"]
+    assert rows[("Fine-tuning", "fp32")]["asr_after_mean"] == pytest.approx(ft["asr_after"])
     fp = rows[("Fine-Pruning (authors 30 %)", "int8")]  # the same weights: "detected" iff its ASR is below 20 %
     assert fp["detected_mean"] == 100.0 * (measured["int8"]["asr"] < 20.0)
     blindspot_figure([out["csv"]], str(tmp_path / "blindspot.png"))
     assert (tmp_path / "blindspot.png").read_bytes()[:8] == PNG_MAGIC
     assert "Pandey" in Path(out["md"]).read_text()
+
+
+def deployment(study: dict[str, str], precisions: list[str], out: str, calibration: int,
+               fine_pruned: str | None = None) -> DeployEvalJob:
+    """deploy_eval of the study's model with its trigger (target 0, batch 32)."""
+    return DeployEvalJob(data=study["data"], weights=study["weights"], precisions=precisions, out=out,
+                         trigger=study["trigger"], calibration=calibration, target=0, batch_size=32, device="cpu",
+                         run=RUN, fine_pruned=fine_pruned)
 
 
 def read_json_list(path: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.models.architectures against the facts of spec section 1."""
+"""Tests of pmoe_backdoor.models.architectures against the facts of docs/faithful-behaviour.md §1."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _narrow(widen: int = 2, num_classes: int = 10, seed: int = 0, **kw) -> nn.Mo
 # ----------------------------------------------------------------------------------------------------------
 
 def test_parameter_count_cifar10(pmoe10):
-    # spec 1.4: PyTorch sum of parameters 3,962,890 for CIFAR-10
+    # docs/faithful-behaviour.md §1.4: PyTorch sum of parameters 3,962,890 for CIFAR-10
     assert count_parameters(pmoe10) == 3_962_890
 
 
@@ -47,7 +47,7 @@ def test_parameter_count_gtsrb():
 
 
 def test_parameter_breakdown_matches_spec(pmoe10):
-    # a few per-part counts from the table in spec 1.4
+    # a few per-part counts from the table in docs/faithful-behaviour.md §1.4
     def n(m):
         return sum(p.numel() for p in m.parameters())
 
@@ -137,7 +137,7 @@ def test_batchnorm_defaults_match_keras():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. TensorFlow 'same' padding for the stride-2 3x3 convolutions (spec 1.5.1)
+# 2. TensorFlow 'same' padding for the stride-2 3x3 convolutions (docs/faithful-behaviour.md §1.5, item 1)
 # ----------------------------------------------------------------------------------------------------------
 
 def _centre_tap(conv: nn.Conv2d) -> nn.Conv2d:
@@ -184,7 +184,8 @@ def test_tf_same_pad_odd_width_pads_per_axis():
 
 @pytest.mark.parametrize(("r", "c"), [(0, 0), (2, 2), (7, 5)])
 def test_feature_position_receptive_field(r, c):
-    # spec 1.1: position (r, c) of the 8x8 map has a 17x17 receptive field centred on input (4r+3, 4c+3)
+    # docs/faithful-behaviour.md §1.1: position (r, c) of the 8x8 map has a 17x17 receptive field centred on input
+    # (4r+3, 4c+3)
     torch.manual_seed(0)
     model = build_model("pmoe", 10, widen_factor=1).double().eval()
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
@@ -215,7 +216,7 @@ def test_model_stride2_convs_output_sizes():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. router semantics (spec 1.2, 1.3)
+# 3. router semantics (docs/faithful-behaviour.md §1.2, §1.3)
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -267,7 +268,7 @@ def test_route_mask_holds_softmax_over_64_positions_at_top_k(routed):
 
 
 def test_route_at_initialisation_is_near_uniform():
-    # spec 1.2: at initialisation p ~ 1/64 (router weights Normal(0, 1e-4))
+    # docs/faithful-behaviour.md §1.2: at initialisation p ~ 1/64 (router weights Normal(0, 1e-4))
     model = _narrow(widen=2)
     model.eval()
     with torch.no_grad():
@@ -312,8 +313,9 @@ def test_router_gets_gradient_for_every_expert():
 
 
 def test_non_routed_positions_give_one_nonzero_constant_in_eval(routed):
-    # spec 1.3: experts run on the full masked 8x8 map, so after BN-ReLU-conv every non-routed position
-    # (masked feature 0) becomes the same non-zero vector, for every position and every image (eval mode).
+    # docs/faithful-behaviour.md §1.3: experts run on the full masked 8x8 map, so after BN-ReLU-conv every
+    # non-routed position (masked feature 0) becomes the same non-zero vector, for every position and every image
+    # (eval mode).
     model, x = routed
     moe = model.moe
     torch.manual_seed(5)
@@ -353,7 +355,7 @@ def test_non_routed_positions_give_one_nonzero_constant_in_eval(routed):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. initialisation (spec 1.5.3)
+# 4. initialisation (docs/faithful-behaviour.md §1.5, item 3)
 # ----------------------------------------------------------------------------------------------------------
 
 def _glorot_bound(fan_in: int, fan_out: int) -> float:

@@ -99,11 +99,13 @@ def test_fine_tuning_jobs_do_not_depend_on_the_epochs_and_lr_they_override():
     assert changed.finetune_recipe() != before.finetune_recipe()
 
 
-def test_neural_cleanse_schedule_reaches_the_optimizer_params_only_when_not_the_default():
-    fast = Plan(load("smoke"))
-    assert "schedule" not in fast.nc_optimizer()
-    original = Plan(load("smoke", **{"neural_cleanse.schedule": "original"}))
-    assert original.nc_optimizer()["schedule"] == "original"
+def test_a_defense_job_gets_its_block_without_the_keys_that_choose_jobs():
+    plan = Plan(load("smoke", **{"neural_cleanse.schedule": "original"}))
+    nc = plan.defense_config("neural_cleanse")
+    assert nc["schedule"] == "original" and nc["images"] == 64 and nc["optimizer"] == {"epochs": 2, "batch_size": 32}
+    assert not {"enabled", "precisions", "rates", "seeds"} & set(nc)
+    assert plan.defense_config("strip")["overlays"] == 8  # the schema's defaults filled in beside the config's
+    assert plan.defense_config("fine_tuning")["images"] == 500 and "enabled" not in plan.defense_config("fine_tuning")
 
 
 def test_fine_pruning_fresh_models_per_rate():
@@ -153,7 +155,8 @@ def test_relative_dataset_path_is_taken_from_the_layer_that_set_it(tmp_path: Pat
     ({"fine_pruning.triggers": ["nope"]}, "fine_pruning.triggers names 'nope', which is not in attack.triggers"),
     ({"fine_pruning.datasets": ["nope"]}, "fine_pruning.datasets names 'nope', which is not in 'datasets'"),
     ({"merging.model": "nope"}, "merging.model 'nope' must name a model of 'models' with module slots"),
-    ({"fine_pruning.models": ["dense"], "models.dense": {"arch": "wrn"}}, "'dense' must name a model of 'models' with expert"),
+    ({"fine_pruning.models": ["dense"], "models.dense": {"arch": "wrn"}},
+     "'dense' must name a model of 'models' with expert"),
     ({"merging.seeds": 9}, "merging.seeds (9) exceeds seeds.clean (2)"),
     ({"compression_attack.prune": {"rate": 40, "lower": 10, "upper": 30}}, "needs lower <= rate <= upper"),
     ({"blindspot.precisions": ["int8_dynamic"]}, "blindspot.precisions ['int8_dynamic'] are not in deployment"),

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.attacks.poison against spec sections 4.4 and 4.5."""
+"""Tests of pmoe_backdoor.attacks.poison against docs/faithful-behaviour.md §4 (poisoning) and §5 (the ASR set)."""
 
 from __future__ import annotations
 

@@ -131,11 +131,17 @@ def blindspot(res: Results, out: Path) -> None:
         for s in SEEDS[:2]:
             for p in PRECISIONS:
                 flag = bool(res.rng.integers(2))
-                defenses += [res.write({**run(a, s, p), "flagged": flag, "detected_target": flag}),
-                             res.write({**run(a, s, p), "defense": "STRIP", "flagged": flag})]
-                defenses += [res.write({**run(a, s, p), "defense": d, "flagged": flag,
-                                        "flagged_labels": [0, 3] if flag else []})
-                             for d in ("Activation Clustering", "Spectral Signatures")]
+                found = None if a == "clean" else flag
+                defenses += [res.write({**run(a, s, p), "defense_name": "neural_cleanse", "flagged": flag,
+                                        "detected_target": flag, "target_found": found}),
+                             res.write({**run(a, s, p), "defense_name": "strip", "flagged": flag,
+                                        "target_found": None})]
+                defenses += [res.write({**run(a, s, p), "defense_name": d, "flagged": flag,
+                                        "flagged_labels": [0, 3] if flag else [], "target_found": found})
+                             for d in ("activation_clustering", "spectral_signatures")]
+                if a != "clean":
+                    defenses.append(res.write({**run(a, s, p), "defense_name": "fine_tuning", "flagged": flag,
+                                               "target_found": None, "asr_after": 5.0 if flag else 95.0}))
             deployed.append(res.write(_deployed(res, a, s)))
             if a != "clean":
                 fine_pruned.append(res.write(_deployed(res, a, s, fine_pruned="clean 30 %")))

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.models.routing against spec section 6 (patch-selection analysis)."""
+"""Tests of pmoe_backdoor.models.routing against docs/faithful-behaviour.md §7 (patch-selection analysis)."""
 
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def test_smoke_run_through_slurm(slurm_cluster, smoke_workdir, tmp_path):
         assert job["Partition"] == wanted, job
         assert ("gres/gpu=1" in job["AllocTRES"]) == (wanted == gpu_partition), job
     on_gpu = {rule_of(j["Comment"]) for j in jobs if j["Partition"] == gpu_partition}
-    assert {"train_model", "fine_prune", "neural_cleanse"} <= on_gpu, on_gpu
+    assert {"train_model", "fine_prune", "defend"} <= on_gpu, on_gpu
     smoke = yaml.safe_load(SMOKE.read_text())["resources"]
     hours, minutes = divmod(smoke["train_runtime_min"], 60)
     for job in jobs:

@@ -205,7 +205,7 @@ def test_train_config_from_dict():
     cfg = TrainConfig.from_dict({"epochs": 2, "lr": 0.01, "precision": "bf16"})
     assert cfg.epochs == 2 and cfg.lr == 0.01 and cfg.precision == "bf16"
     assert TrainConfig.from_dict(None) == TrainConfig()
-    # the faithful defaults (spec section 2)
+    # the faithful defaults (docs/faithful-behaviour.md §2)
     d = TrainConfig()
     assert (d.epochs, d.batch_size, d.lr, d.momentum, d.weight_decay) == (25, 128, 0.1, 0.0, 0.0)
 

@@ -1,4 +1,4 @@
-"""Tests of pmoe_backdoor.attacks.triggers against spec section 4.1-4.3."""
+"""Tests of pmoe_backdoor.attacks.triggers against docs/faithful-behaviour.md §3.1-3.3."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _batch(n: int = 6, seed: int = 0) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# square (spec 4.1)
+# square (docs/faithful-behaviour.md §3.1)
 # ----------------------------------------------------------------------------------------------------------
 
 def test_square_default_sets_top_left_4x4_to_1():
@@ -79,7 +79,7 @@ def test_square_negative_position_rejected(params):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# blend (spec 4.2)
+# blend (docs/faithful-behaviour.md §3.2)
 # ----------------------------------------------------------------------------------------------------------
 
 def _blend_reference(x: torch.Tensor, img: torch.Tensor, alpha: float) -> np.ndarray:
@@ -211,7 +211,7 @@ def test_blend_image_from_file_uses_pil_bicubic(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# warp (spec 4.3)
+# warp (docs/faithful-behaviour.md §3.3)
 # ----------------------------------------------------------------------------------------------------------
 
 def _displacements(t: WarpTrigger) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +234,8 @@ def test_warp_truncate_displacements_only_minus_one_or_zero(seed):
 
 
 def test_warp_shift_follows_noise_sign():
-    # spec 4.3: the source index is i-1 where the noise for that axis is negative, i where positive
+    # docs/faithful-behaviour.md §3.3: the source index is i-1 where the noise for that axis is negative, i where
+    # positive
     for seed in range(3):
         t = make_trigger("warp", seed=seed)
         noise = torch.from_numpy(warp_noise(2, seed))
@@ -271,7 +272,8 @@ def test_warp_grid_seeded():
 
 
 def test_warp_zero_strength_float32_artefact():
-    # spec 4.3: with zero displacement, the float32 identity grid still maps 17, 21, 25, 29 to 16, 20, 24, 28
+    # docs/faithful-behaviour.md §3.3: with zero displacement, the float32 identity grid still maps 17, 21, 25, 29 to
+    # 16, 20, 24, 28
     t = make_trigger("warp", {"s": 0})
     r, c = t.source_indices()
     expected = torch.arange(32)

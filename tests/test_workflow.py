@@ -105,12 +105,16 @@ def test_smoke_config_completes_with_every_output(smoke_run: Path):
     assert all(m["routing_change_clean"] == 0.0 for m in deployed if m["precision"] == "fp32")
     nc = list(res.glob("synth/pmoe/*/seed0/neural_cleanse/*.json"))
     assert len(nc) == 2 * (1 + len(cfg["attack"]["triggers"]) * len(cfg["neural_cleanse"]["rates"]))
-    # the blindspot table: each of its three defenses on every analysed model at every precision
+    # the blindspot table: each detection defense on every analysed model at every precision
     assert (res / "tables/blindspot_synth.md").stat().st_size > 0 and (res / "figures/blindspot_synth.png").exists()
     bs = cfg["blindspot"]
     for defense in ("strip", "activation_clustering", "spectral_signatures"):
         found = list(res.glob(f"synth/pmoe/*/seed0/{defense}/*.json"))
         assert len(found) == len(bs["precisions"]) * (1 + len(bs["triggers"]) * len(bs["rates"])), defense
+    # fine-tuning, a removal defense, on the attacked models only
+    found = list(res.glob("synth/pmoe/*/seed0/fine_tuning/*.json"))
+    assert len(found) == len(bs["precisions"]) * len(bs["triggers"]) * len(bs["rates"])
+    assert "| Fine-tuning |" in (res / "tables/blindspot_synth.md").read_text()
 
 
 def test_second_run_has_nothing_to_do(smoke_run: Path):

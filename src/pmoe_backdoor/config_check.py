@@ -158,7 +158,7 @@ def fine_prune_seed(run: int, rate_index: int, n_rates: int, model_per_rate: str
 def check_fine_pruning_seeds(fp: dict, attack_seeds: int) -> None:
     """Every model Fine-Pruning starts from must be one of the attack runs (seeds 0 .. seeds.attack - 1)."""
     runs, n_rates = fp["runs"], len(fp["prune_rates"])
-    if fp.get("model_per_rate", "shared") == "fresh":
+    if fp["model_per_rate"] == "fresh":
         needed = runs * n_rates
         if needed > attack_seeds:
             raise ConfigError(
@@ -265,7 +265,7 @@ def _check_compression_attack(cfg: dict) -> None:
     for key in ("datasets", "targets_by_dataset", "lr_drop_epoch_by_dataset", "max_fp32_asr_by_dataset"):
         check_names(block.get(key, []), f"compression_attack.{key}", cfg["datasets"], "'datasets'")
     prune = block["prune"]
-    if not prune.get("lower", 10) <= prune.get("rate", 20) <= prune.get("upper", 30):
+    if not prune["lower"] <= prune["rate"] <= prune["upper"]:
         raise ConfigError(f"config: compression_attack.prune needs lower <= rate <= upper, got {prune}")
 
 

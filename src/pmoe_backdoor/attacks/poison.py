@@ -1,4 +1,4 @@
-"""Dirty-label, source-agnostic poisoning (spec section 4.4) and the ASR test set (section 4.5).
+"""Dirty-label, source-agnostic poisoning (docs/faithful-behaviour.md §4) and the ASR test set (§5).
 
 A poisoned training set is never copied: it is the clean set plus a record of which indices were replaced
 and their triggered images (:class:`PoisonRecord`), applied on the fly.

@@ -1,6 +1,6 @@
 """Backdoor triggers, vectorised over whole uint8 batches (N, 32, 32, 3).
 
-Faithful defaults (spec section 4):
+Faithful defaults (docs/faithful-behaviour.md §3):
 - ``square``: 4x4 at the top-left, value 1 on the 0-255 scale (the authors' effective 1/255 black square);
 - ``blend``: x' = (1 - alpha) x + alpha i with alpha 0.5 on [0, 1]; i is a smooth natural image resized to 32x32
   (PIL bicubic): by default the public-domain NASA "astronaut" photograph shipped in ``assets/`` (the authors'
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..io import load_tensors, save_tensors
 from . import TRIGGERS, TriggerKind, make_trigger, trigger_kind
+from .warp_noise import tf_bicubic_matrix, warp_noise
 
 H = W = 32
 
@@ -195,32 +196,6 @@ def natural_blend_image() -> torch.Tensor:
         return _resize_to_32(im)
 
 
-def _keys_cubic(d: np.ndarray, a: float = -0.5) -> np.ndarray:
-    d = np.abs(d)
-    return np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
-                    np.where(d < 2, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a, 0.0))
-
-
-def tf_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of TF's ``resize(method='bicubic')``: Keys a=-0.5, half-pixel centres,
-    out-of-range taps dropped and the remaining weights renormalised."""
-    centres = (np.arange(n_out) + 0.5) * (n_in / n_out)  # in input pixel units, pixel j spans [j, j+1)
-    dist = (np.arange(n_in)[None, :] + 0.5) - centres[:, None]
-    w = _keys_cubic(dist)
-    return w / w.sum(axis=1, keepdims=True)
-
-
-def warp_noise(k: int, seed: int) -> np.ndarray:
-    """The WaNet noise field: uniform(-1, 1) of shape (k, k, 2), divided by its mean absolute value,
-    bicubic-upsampled (TF semantics) to 32x32 and clipped to [-1, 1]. Channel 0 is rows, 1 is columns."""
-    rng = np.random.default_rng(seed)
-    ins = rng.uniform(-1, 1, size=(k, k, 2)).astype(np.float32)
-    ins = ins / np.mean(np.abs(ins))
-    m = tf_bicubic_matrix(k, H).astype(np.float64)
-    up = np.einsum("ik,klc,jl->ijc", m, ins.astype(np.float64), m)
-    return np.clip(up, -1, 1).astype(np.float32)
-
-
 @dataclass
 class WarpTrigger(Trigger):
     kind: ClassVar[str] = "warp"
@@ -283,7 +258,8 @@ class WarpTrigger(Trigger):
         return {"sampler": self.sampler, "k": self.k, "s": self.s, "grid_rescale": self.grid_rescale, "seed": self.seed}
 
 
-__all__ = ["BlendTrigger", "SquareTrigger", "Trigger", "WarpTrigger", "load_trigger", "make_trigger"]
+__all__ = ["BlendTrigger", "SquareTrigger", "Trigger", "WarpTrigger", "load_trigger", "make_trigger",
+           "tf_bicubic_matrix", "warp_noise"]
 
 
 def load_trigger(path: str | os.PathLike) -> Trigger:

@@ -18,7 +18,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..runtime import to_input
+from ..attacks.poison import PoisonRecord
+from ..runtime import derived_seed, to_input
+from . import DefenseContext, DefenseResult
+
+DEFENSE = {"name": "activation_clustering", "title": "Activation Clustering", "level": "data"}
 
 
 @torch.inference_mode()
@@ -131,3 +135,26 @@ def activation_clustering(feats: torch.Tensor, labels: torch.Tensor, poisoned: n
     return {"labels": per_label, "flagged_labels": flagged_labels, "flagged": bool(flagged_labels),
             "called_poisoned": len(called_idx),
             **{f"poison_{k}": v for k, v in precision_recall(called_idx, np.asarray(poisoned)).items()}}
+
+
+def training_features(ctx: DefenseContext, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray,
+                                                                    int | None]:
+    """Penultimate features of the training set the model was trained on (poisoned for an attack), computed by the
+    model as deployed; its labels, the true poisoned indices and the poison target (None if nothing poisoned)."""
+    x, y = ctx.training_set()
+    rec = PoisonRecord.load(ctx.poison)
+    feats = penultimate_features(ctx.model, x, batch_size, ctx.job.device)
+    return feats, y, rec.indices.numpy(), (rec.target if len(rec.indices) else None)
+
+
+def run(ctx: DefenseContext) -> DefenseResult:
+    """Activation Clustering of the training set, with the features of the model as deployed."""
+    cfg = ctx.config
+    feats, y, poisoned, target = training_features(ctx, int(cfg["batch_size"]))
+    result = activation_clustering(feats, y, poisoned, int(cfg["dims"]), float(cfg["size_threshold"]),
+                                   float(cfg["silhouette_threshold"]), derived_seed(ctx.run.seed, "ac"),
+                                   int(cfg["restarts"]), int(cfg["silhouette_samples"]))
+    print({k: result[k] for k in ("flagged_labels", "poison_precision", "poison_recall")})
+    return DefenseResult(result["flagged"], None if target is None else target in result["flagged_labels"],
+                         details={"target": target, "feature_dims": feats.shape[1], "poisoned": len(poisoned),
+                                  **result})

@@ -1,4 +1,4 @@
-"""Fine-Pruning (Liu et al. 2018) as the authors applied it to the pMoE (spec section 5).
+"""Fine-Pruning (Liu et al. 2018) as the authors applied it to the pMoE (docs/faithful-behaviour.md §6).
 
 Faithful default: the four experts' 1x1 convs are pruned; in each expert the channels are ranked by the
 signed mean of that conv's raw output (before the head's BN) over the activation images; the weights and

@@ -29,8 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime import to_input
+from ..runtime import derived_seed, to_input
+from . import DefenseContext, DefenseResult
 
+DEFENSE = {"name": "neural_cleanse", "title": "Neural Cleanse", "level": "model", "artifacts": True}
 MAD_CONSTANT = 1.4826
 NC_SCHEDULES = ("fast", "original")
 # the original schedule's constants (Wang et al.); keys given explicitly in the config still override them
@@ -202,3 +204,21 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, classes: list[int], cfg: N
     norms = np.array([r["l1"] for r in results])
     summary = {"config": asdict(cfg), "classes": results, **detect(norms, classes, cfg.anomaly_threshold)}
     return summary, masks
+
+
+def run(ctx: DefenseContext) -> DefenseResult:
+    """Neural Cleanse on the model as deployed, with ``images`` clean test images (a seeded draw) and the classes
+    ``0 .. classes - 1`` (every class when null); the reversed masks and patterns are its artifacts."""
+    cfg, job = ctx.config, ctx.job
+    order = np.random.default_rng(derived_seed(ctx.run.seed, "nc-images")).permutation(len(job.y_test))
+    x = job.x_test[torch.from_numpy(order[:int(cfg["images"])])]
+    classes = cfg.get("classes")
+    class_list = list(range(job.num_classes if classes is None else min(classes, job.num_classes)))
+    optimizer = NCConfig.from_dict({**cfg["optimizer"], "schedule": cfg["schedule"]})
+    summary, masks = neural_cleanse(ctx.model, x, class_list, optimizer,
+                                    seed=derived_seed(ctx.run.seed, "nc"), device=job.device)
+    detected = bool(summary["flagged"] and summary["flagged_class"] == ctx.target)
+    print({k: summary[k] for k in ("flagged", "flagged_class")})
+    return DefenseResult(summary["flagged"], detected,
+                         details={"images": len(x), **summary, "detected_target": detected},
+                         artifacts=masks, artifacts_metadata={"classes": class_list})

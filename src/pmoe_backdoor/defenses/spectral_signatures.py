@@ -21,7 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import DefenseContext, DefenseResult
+from .activation_clustering import training_features
 from .neural_cleanse import anomaly_indices
+
+DEFENSE = {"name": "spectral_signatures", "title": "Spectral Signatures", "level": "data"}
 
 
 def spectral_scores(feats: np.ndarray) -> tuple[np.ndarray, float]:
@@ -65,3 +69,19 @@ def spectral_signatures(feats: torch.Tensor, labels: torch.Tensor, poisoned: np.
     flagged_labels = [r["label"] for r in per_label if r["flagged"]]
     return {"labels": per_label, "epsilon": epsilon, "removed": len(removed_idx), "poison_recall": recall,
             "flagged_labels": flagged_labels, "flagged": bool(flagged_labels)}
+
+
+def run(ctx: DefenseContext) -> DefenseResult:
+    """Spectral Signatures of the training set, with the features of the model as deployed; ``epsilon: null``
+    takes the true poisoned share of the target label (0 for a clean model: nothing removed)."""
+    cfg = ctx.config
+    feats, y, poisoned, target = training_features(ctx, int(cfg["batch_size"]))
+    epsilon = cfg.get("epsilon")
+    if epsilon is None:
+        epsilon = len(poisoned) / int((y == target).sum()) if target is not None else 0.0
+    result = spectral_signatures(feats, y, poisoned, float(epsilon), float(cfg["removal"]),
+                                 float(cfg["anomaly_threshold"]))
+    print({k: result[k] for k in ("flagged_labels", "epsilon", "poison_recall")})
+    return DefenseResult(result["flagged"], None if target is None else target in result["flagged_labels"],
+                         details={"target": target, "feature_dims": feats.shape[1], "poisoned": len(poisoned),
+                                  **result})

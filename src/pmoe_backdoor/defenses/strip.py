@@ -18,10 +18,16 @@ from __future__ import annotations
 from statistics import NormalDist
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from ..attacks.triggers import load_trigger
 from ..evaluate import predict_logits
+from ..runtime import derived_seed
+from . import DefenseContext, DefenseResult
+
+DEFENSE = {"name": "strip", "title": "STRIP", "level": "input"}
 
 SUPERIMPOSE = ("add", "average")
 
@@ -100,3 +106,27 @@ def strip_defense(model: nn.Module, holdout: torch.Tensor, clean_test: torch.Ten
             "holdout_entropy_std": float(h_hold.std()), "clean_entropy_mean": float(h_clean.mean()),
             "frr": strip_rates(threshold, h_clean, h_clean[:0])["frr"], "triggers": per_trigger,
             "detection": detection, "flagged": bool(detection > flag_rate)}
+
+
+def run(ctx: DefenseContext) -> DefenseResult:
+    """STRIP on the model as deployed. The test set is split by a seeded shuffle: the first ``holdout`` images are
+    the defender's held-out clean set (overlay pool and threshold), the next ``test_images`` measure the FRR, and
+    the non-target ones among them, with each of the run's triggers, the FAR."""
+    cfg, job = ctx.config, ctx.job
+    held, tested = int(cfg["holdout"]), int(cfg["test_images"])
+    if held + tested > len(job.y_test):
+        raise ValueError(f"strip.holdout + strip.test_images = {held + tested} exceeds the {len(job.y_test)} test "
+                         "images of the dataset")
+    if not ctx.triggers:
+        raise ValueError("strip: no trigger file to make triggered inputs with")
+    order = torch.from_numpy(np.random.default_rng(derived_seed(ctx.run.seed, "strip-split")).permutation(
+        len(job.y_test)))
+    holdout, test_idx = job.x_test[order[:held]], order[held:held + tested]
+    clean_test = job.x_test[test_idx]
+    non_target = clean_test[job.y_test[test_idx] != ctx.target]
+    triggered = {name: load_trigger(path).apply(non_target) for name, path in ctx.triggers.items()}
+    result = strip_defense(ctx.model, holdout, clean_test, triggered, int(cfg["overlays"]), float(cfg["frr"]),
+                           float(cfg["flag_rate"]), derived_seed(ctx.run.seed, "strip"), cfg["superimpose"],
+                           int(cfg["batch_size"]), job.device, cfg["threshold"])
+    print({k: result[k] for k in ("threshold", "frr", "detection", "flagged")})
+    return DefenseResult(result["flagged"], details={"holdout": held, "test_images": tested, **result})

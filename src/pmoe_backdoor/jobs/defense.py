@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from ..models.checkpoint import save_model
 from ..runtime import derived_seed
 from ..training.loop import TrainConfig, fit
 from .common import JobData, RunId
+from .wrapper import JobContext
 
 FINETUNE_DATA = ("authors", "clean")
 
@@ -43,58 +45,107 @@ def fineprune_data(x_train: torch.Tensor, y_train: torch.Tensor, rec: PoisonReco
     return x_ft, y_ft, x_ft[order[:activation_images]]
 
 
-def fine_prune_job(data_path: str, weights: str, poison_path: str, trigger_path: str, out: str, out_weights: str,
-                   prune_rate: float, finetune_data: str, fp_cfg: dict[str, Any], train_cfg: dict[str, Any],
-                   target: int, device: str, run: RunId) -> dict:
+@dataclass(frozen=True)
+class FinePruneJob:
+    """Fine-Pruning of one run's model at one pruning rate, fine-tuned on ``finetune_data`` (FINETUNE_DATA) with
+    the fine_pruning config's epochs and lr over the ``train`` recipe."""
+
+    data: str
+    weights: str
+    poison: str
+    trigger: str
+    out: str
+    out_weights: str
+    prune_rate: float
+    finetune_data: str
+    fine_pruning: dict[str, Any]
+    train: dict[str, Any]
+    target: int
+    device: str
+    run: RunId
+
+    @classmethod
+    def from_context(cls, job: JobContext) -> FinePruneJob:
+        i, p, w = job.input, job.params, job.wildcards
+        return cls(i.data, i.weights, i.poison, i.trigger, job.output.metrics, job.output.weights, float(w.prune),
+                   w.variant, dict(p.fine_pruning), dict(p.train), target=p.target, device=job.device, run=job.run)
+
+
+def fine_prune_job(spec: FinePruneJob) -> dict:
     """Prune the experts, fine-tune, and measure CA/ASR before, after pruning and after fine-tuning."""
-    job = JobData.open(data_path, device)
-    model, meta = job.load_model(weights)
-    trigger = load_trigger(trigger_path)
-    x_asr = job.asr_images(trigger_path, target)
-    rec = PoisonRecord.load(poison_path)
-    x_ft, y_ft, x_act = fineprune_data(job.x_train, job.y_train, rec, trigger.kind, finetune_data,
+    fp_cfg, run, target = spec.fine_pruning, spec.run, spec.target
+    job = JobData.open(spec.data, spec.device)
+    model, meta = job.load_model(spec.weights)
+    trigger = load_trigger(spec.trigger)
+    x_asr = job.asr_images(spec.trigger, target)
+    rec = PoisonRecord.load(spec.poison)
+    x_ft, y_ft, x_act = fineprune_data(job.x_train, job.y_train, rec, trigger.kind, spec.finetune_data,
                                        int(fp_cfg["activation_images"]), run.seed)
 
     def measure() -> dict[str, float]:
         m = evaluate(model, job.x_test, job.y_test, x_asr, target, job.num_classes, device=job.device)
         return {"ca": m["ba"], "asr": m["asr"]}
 
-    result: dict[str, Any] = {**run.as_dict(), "prune_rate": prune_rate, "finetune_data": finetune_data,
+    result: dict[str, Any] = {**run.as_dict(), "prune_rate": spec.prune_rate, "finetune_data": spec.finetune_data,
                               "mask": bool(fp_cfg["mask"])}
     result["before"] = measure()
-    pruned = channels_to_prune(expert_channel_means(model, x_act, device=job.device), prune_rate)
+    pruned = channels_to_prune(expert_channel_means(model, x_act, device=job.device), spec.prune_rate)
     prune_experts(model, pruned, mask=result["mask"])
     result["pruned_channels"] = [p.tolist() for p in pruned]
     result["after_pruning"] = measure()
-    ft = dict(train_cfg, epochs=fp_cfg["epochs"], lr=fp_cfg["lr"], seed=derived_seed(run.seed, "fp-shuffle"),
+    ft = dict(spec.train, epochs=fp_cfg["epochs"], lr=fp_cfg["lr"], seed=derived_seed(run.seed, "fp-shuffle"),
               eval_every=0)
     history = fit(model, x_ft, y_ft, TrainConfig.from_dict(ft), job.x_test, job.y_test, device=job.device)
     remove_masks(model)
     result["after_finetuning"] = measure()
     result["finetune_history"] = history["epochs"]
-    save_model(model, meta["model"], job.num_classes, out_weights, {"seed": run.seed, "fine_pruned": prune_rate})
-    write_json(out, result)
+    save_model(model, meta["model"], job.num_classes, spec.out_weights,
+               {"seed": run.seed, "fine_pruned": spec.prune_rate})
+    write_json(spec.out, result)
     print({k: result[k] for k in ("before", "after_pruning", "after_finetuning")})
     return result
 
 
-def prune_sweep_job(data_path: str, weights: str, trigger_path: str, poison_path: str, out: str,
-                    rates: list[float], activation_data: str, activation_images: int, target: int, device: str,
-                    run: RunId) -> list[dict]:
+@dataclass(frozen=True)
+class PruneSweepJob:
+    """Pruning alone at each of ``rates``, channels ranked on ``activation_images`` images of ``activation_data``
+    (a FINETUNE_DATA choice, as Fine-Pruning's)."""
+
+    data: str
+    weights: str
+    trigger: str
+    poison: str
+    out: str
+    rates: list[float]
+    activation_data: str
+    activation_images: int
+    target: int
+    device: str
+    run: RunId
+
+    @classmethod
+    def from_context(cls, job: JobContext) -> PruneSweepJob:
+        i, p = job.input, job.params
+        return cls(i.data, i.weights, i.trigger, i.poison, job.output[0], [float(r) for r in p.rates],
+                   p.activation_data, p.activation_images, target=p.target, device=job.device, run=job.run)
+
+
+def prune_sweep_job(spec: PruneSweepJob) -> list[dict]:
     """CA and ASR after pruning alone (no fine-tuning) at each rate in ``rates``."""
-    job = JobData.open(data_path, device)
-    base, _ = job.load_model(weights)
-    trigger = load_trigger(trigger_path)
-    x_asr = job.asr_images(trigger_path, target)
-    rec = PoisonRecord.load(poison_path)
-    _, _, x_act = fineprune_data(job.x_train, job.y_train, rec, trigger.kind, activation_data, activation_images,
-                                 run.seed)
+    run, target = spec.run, spec.target
+    job = JobData.open(spec.data, spec.device)
+    base, _ = job.load_model(spec.weights)
+    trigger = load_trigger(spec.trigger)
+    x_asr = job.asr_images(spec.trigger, target)
+    rec = PoisonRecord.load(spec.poison)
+    _, _, x_act = fineprune_data(job.x_train, job.y_train, rec, trigger.kind, spec.activation_data,
+                                 spec.activation_images, run.seed)
     means = expert_channel_means(base, x_act, device=job.device)
     rows = []
-    for rate in rates:
+    for rate in spec.rates:
         model = copy.deepcopy(base)
         prune_experts(model, channels_to_prune(means, rate))
         m = evaluate(model, job.x_test, job.y_test, x_asr, target, job.num_classes, device=job.device)
         rows.append({**run.as_dict(), "prune_rate": rate, "ca": m["ba"], "asr": m["asr"]})
-    write_json(out, rows)
+    write_json(spec.out, rows)
     return rows

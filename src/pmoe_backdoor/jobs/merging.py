@@ -5,6 +5,7 @@ were not held out for the defender."""
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,11 @@ from ..runtime import derived_seed, seed_everything
 from .common import JobData
 from .deploy import calibration_images
 from .train import training_set
+from .wrapper import JobContext
 
-__all__ = ["defend_merged_job", "finetune_victim_job", "merge_models_job", "merged_defense_table", "merging_table",
-           "select_candidate_job", "strategy_figure", "strategy_job"]
+__all__ = ["DefendMergedJob", "SelectCandidateJob", "defend_merged_job", "finetune_victim_job", "merge_models_job",
+           "merged_defense_table", "merged_set_identity", "merging_table", "select_candidate_job", "strategy_figure",
+           "strategy_job"]
 
 
 def finetune_victim_job(data_path: str, ancestor: str, poison_path: str, finetune_cfg: dict[str, Any], seed: int,
@@ -78,28 +81,60 @@ def merge_models_job(victims: list[str], strategy_json: str, roles: str, out_dir
     return files
 
 
-def select_candidate_job(data_path: str, victims: dict[str, str], triggers: dict[str, str], merged_dir: str,
-                         holdout_per_class: int, holdout_seed: int, inversion: dict[str, Any], target: int,
-                         batch_size: int, device: str, identity: dict[str, Any], out: str) -> dict[str, Any]:
+def merged_set_identity(wildcards: Any) -> dict[str, Any]:
+    """Which merged set a merging result belongs to (written into it, as RunId is into a run's result)."""
+    w = wildcards
+    return {"dataset": w.dataset, "model": w.model, "set": w.set, "seed": int(w.seed), "coupling": w.coupling}
+
+
+@dataclass(frozen=True)
+class SelectCandidateJob:
+    """The merged models of one set (``merged``: the folder merge_models wrote) and its victims (label -> weights),
+    scored with each victim trigger; ``holdout_per_class`` test images per class, drawn from ``holdout_seed``, are
+    the defender's clean set, ``inversion`` the config of the suspect-class search."""
+
+    data: str
+    victims: dict[str, str]
+    triggers: dict[str, str]
+    merged: str
+    holdout_per_class: int
+    holdout_seed: int
+    inversion: dict[str, Any]
+    target: int
+    batch_size: int
+    device: str
+    identity: dict[str, Any]
+    out: str
+
+    @classmethod
+    def from_context(cls, job: JobContext) -> SelectCandidateJob:
+        i, p = job.input, job.params
+        return cls(i.data, dict(zip(p.labels, i.victims)), dict(p.triggers), i.merged, p.holdout_per_class,
+                   p.holdout_seed, dict(p.inversion), p.target, p.batch_size, job.device,
+                   merged_set_identity(job.wildcards), job.output[0])
+
+
+def select_candidate_job(spec: SelectCandidateJob) -> dict[str, Any]:
     """The defender's choice among the candidates (from a clean set held out of the test set) and BA / ASR of the
     victims, WAG, every candidate and the chosen one on the remaining test images; ASR per victim trigger."""
-    job = JobData.open(data_path, device)
-    held, rest = holdout_split(job.dataset.y_test, holdout_per_class, holdout_seed)
+    victims, triggers, merged_dir = spec.victims, spec.triggers, spec.merged
+    job = JobData.open(spec.data, spec.device)
+    held, rest = holdout_split(job.dataset.y_test, spec.holdout_per_class, spec.holdout_seed)
     held_t, rest_t = torch.from_numpy(held), torch.from_numpy(rest)
     manifest = read_json(Path(merged_dir) / "merged.json")
     victim_models = {name: job.load_model(path)[0] for name, path in victims.items()}
     merged = {name: job.load_model(str(Path(merged_dir) / file))[0] for name, file in manifest["files"].items()}
     candidates = {name: model for name, model in merged.items() if name != "WAG"}
     selection = select_candidate(list(victim_models.values()), merged["WAG"], candidates, job.x_test[held_t],
-                                 job.y_test[held_t], job.num_classes, inversion)
-    score = _reported_split_scorer(job, rest_t, triggers, target, batch_size)
+                                 job.y_test[held_t], job.num_classes, spec.inversion)
+    score = _reported_split_scorer(job, rest_t, triggers, spec.target, spec.batch_size)
     results = {name: score(model) for name, model in {**victim_models, **merged}.items()}
     oracle = min(candidates, key=lambda n: results[n]["mean_asr"])
     chosen = selection["chosen"]
-    record = {**identity, "victims": list(victims), "triggers": list(triggers), "held_out": len(held),
+    record = {**spec.identity, "victims": list(victims), "triggers": list(triggers), "held_out": len(held),
               "evaluated": len(rest), "selection": selection, "chosen": chosen, "oracle": oracle,
               "selected_is_oracle": results[chosen]["mean_asr"] <= results[oracle]["mean_asr"], "models": results}
-    write_json(out, record)
+    write_json(spec.out, record)
     print({k: record[k] for k in ("chosen", "oracle")}, {n: round(r["mean_asr"], 1) for n, r in results.items()})
     return record
 
@@ -112,10 +147,38 @@ def _reported_split_scorer(job: JobData, rest: torch.Tensor, triggers: dict[str,
     return Scorer(x_eval, y_eval, asr_sets, target, job.num_classes, batch_size, job.device)
 
 
-def defend_merged_job(data_path: str, triggers: dict[str, str], merged_dir: str, selection_path: str,
-                      holdout_per_class: int, holdout_seed: int, precisions: list[str], calibration: int,
-                      prune_rates: list[float], fp_cfg: dict[str, Any], train_cfg: dict[str, Any], target: int,
-                      batch_size: int, device: str, identity: dict[str, Any], out: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DefendMergedJob:
+    """WAG and select_candidate's choice (``selection``) among the merged models of one set, deployed at each of
+    ``precisions`` and Fine-Pruned at each of ``prune_rates`` (``fine_pruning``: epochs, lr, mask; over the
+    ``train`` recipe); the held-out split must be select_candidate's."""
+
+    data: str
+    triggers: dict[str, str]
+    merged: str
+    selection: str
+    holdout_per_class: int
+    holdout_seed: int
+    precisions: list[str]
+    calibration: int
+    prune_rates: list[float]
+    fine_pruning: dict[str, Any]
+    train: dict[str, Any]
+    target: int
+    batch_size: int
+    device: str
+    identity: dict[str, Any]
+    out: str
+
+    @classmethod
+    def from_context(cls, job: JobContext) -> DefendMergedJob:
+        i, p = job.input, job.params
+        return cls(i.data, dict(p.triggers), i.merged, i.selection, p.holdout_per_class, p.holdout_seed,
+                   list(p.precisions), p.calibration, list(p.prune_rates), dict(p.fine_pruning), dict(p.train),
+                   p.target, p.batch_size, job.device, merged_set_identity(job.wildcards), job.output[0])
+
+
+def defend_merged_job(spec: DefendMergedJob) -> dict[str, Any]:
     """The WAG model and the selected MSD candidate of one set (select_candidate's choice) at each deployment
     precision (int8 calibrated on ``calibration`` clean training images, seeded by the run seed, as deploy_eval
     does) and after Fine-Pruning at each of ``prune_rates``; BA and ASR per victim trigger on the same test images
@@ -123,6 +186,8 @@ def defend_merged_job(data_path: str, triggers: dict[str, str], merged_dir: str,
 
     Fine-Pruning uses only the defender's held-out clean set (``holdout_per_class`` test images per class): it
     ranks the expert channels and is the fine-tuning set (merging.defend explains why)."""
+    triggers, merged_dir, selection_path, fp_cfg = spec.triggers, spec.merged, spec.selection, spec.fine_pruning
+    precisions, calibration, prune_rates = spec.precisions, spec.calibration, spec.prune_rates
     selection, manifest = read_json(selection_path), read_json(Path(merged_dir) / "merged.json")
     chosen, files = selection.get("chosen"), manifest.get("files", {})
     if "WAG" not in files or chosen not in files:
@@ -132,19 +197,19 @@ def defend_merged_job(data_path: str, triggers: dict[str, str], merged_dir: str,
         raise ValueError(f"triggers {sorted(triggers)} differ from those of {selection_path}: "
                          f"{sorted(selection.get('triggers', []))}")
     check_defense_config(precisions, prune_rates, fp_cfg)
-    job = JobData.open(data_path, device)
-    held, rest = holdout_split(job.dataset.y_test, holdout_per_class, holdout_seed)
+    job = JobData.open(spec.data, spec.device)
+    held, rest = holdout_split(job.dataset.y_test, spec.holdout_per_class, spec.holdout_seed)
     if (len(held), len(rest)) != (selection.get("held_out"), selection.get("evaluated")):
         raise ValueError(f"merging.holdout_per_class / holdout_seed give {len(held)} held-out and {len(rest)} "
                          f"evaluated images, {selection_path} has {selection.get('held_out')} and "
                          f"{selection.get('evaluated')}: the split must be select_candidate's")
     held_t = torch.from_numpy(held)
     x_clean, y_clean = job.x_test[held_t], job.y_test[held_t]
-    score = _reported_split_scorer(job, torch.from_numpy(rest), triggers, target, batch_size)
-    calib = calibration_images(job, calibration, identity["seed"]) if "int8" in precisions else None
+    score = _reported_split_scorer(job, torch.from_numpy(rest), triggers, spec.target, spec.batch_size)
+    calib = calibration_images(job, calibration, spec.identity["seed"]) if "int8" in precisions else None
     fp_record = {k: fp_cfg[k] for k in ("epochs", "lr", "mask") if k in fp_cfg}
     record: dict[str, Any] = {
-        **identity, "chosen": chosen, "triggers": list(triggers), "held_out": len(held), "evaluated": len(rest),
+        **spec.identity, "chosen": chosen, "triggers": list(triggers), "held_out": len(held), "evaluated": len(rest),
         "precisions": list(precisions), "calibration_images": calibration if "int8" in precisions else 0,
         "prune_rates": [float(r) for r in prune_rates],
         "fine_pruning": {**fp_record, "data": "held-out clean test images", "images": len(held)}, "models": {}}
@@ -152,9 +217,9 @@ def defend_merged_job(data_path: str, triggers: dict[str, str], merged_dir: str,
         model, _ = job.load_model(str(Path(merged_dir) / files[name]))
         record["models"][method] = {
             "name": name, "precisions": at_precisions(model, precisions, calib, score),
-            "fine_pruning": fine_prune_merged(model, x_clean, y_clean, prune_rates, fp_cfg, train_cfg,
-                                              identity["seed"], score, job.device)}
-    write_json(out, record)
+            "fine_pruning": fine_prune_merged(model, x_clean, y_clean, prune_rates, fp_cfg, spec.train,
+                                              spec.identity["seed"], score, job.device)}
+    write_json(spec.out, record)
     print({m: {p: (round(r["ba"], 1), round(r["mean_asr"], 1)) for p, r in v["precisions"].items()}
            for m, v in record["models"].items()})
     return record

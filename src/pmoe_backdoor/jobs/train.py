@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..runtime import derived_seed, seed_everything
 from ..training.loop import Probe, TrainConfig, fit
 from ..training.packed import fit_packed
 from .common import JobData
+from .wrapper import JobContext
 
 
 def probe_for(job: JobData, count: int, trigger: Trigger | None = None) -> Probe | None:
@@ -70,38 +72,86 @@ def save_run(job: JobData, model: torch.nn.Module, model_spec: dict[str, Any], h
     write_json(out_history, history)
 
 
-def train_job(data_path: str, model_spec: dict[str, Any], train_cfg: dict[str, Any], seed: int, out_weights: str,
-              out_history: str, poison_path: str | None, trigger_path: str | None, device: str,
-              probes: int) -> None:
+@dataclass(frozen=True)
+class TrainJob:
+    """One run's training: the model spec and recipe, the run seed, the poison record and trigger of an attack (None
+    for a clean run), where the weights and history go, and how many probe images the history follows."""
+
+    data: str
+    model: dict[str, Any]
+    train: dict[str, Any]
+    seed: int
+    out_weights: str
+    out_history: str
+    poison: str | None
+    trigger: str | None
+    device: str
+    probes: int
+
+    @classmethod
+    def from_context(cls, job: JobContext) -> TrainJob:
+        i, p = job.input, job.params
+        return cls(i.data, dict(p.model), dict(p.train), int(job.wildcards.seed), job.output.weights,
+                   job.output.history, poison=i.poison or None, trigger=i.trigger or None, device=job.device,
+                   probes=p.probes)
+
+
+def train_job(spec: TrainJob) -> None:
     t_start = time.perf_counter()
-    job = JobData.open(data_path, device)
-    model, (x_train, y_train), cfg, probe = build_run(job, model_spec, train_cfg, seed, poison_path, trigger_path,
-                                                      probes)
+    job = JobData.open(spec.data, spec.device)
+    model, (x_train, y_train), cfg, probe = build_run(job, spec.model, spec.train, spec.seed, spec.poison,
+                                                      spec.trigger, spec.probes)
     print(f"device {job.device}, threads {torch.get_num_threads()}, start-up {time.perf_counter() - t_start:.1f} s")
     history = fit(model, x_train, y_train, cfg, job.x_test, job.y_test, probe=probe, device=job.device,
                   log=sys.stderr)
-    save_run(job, model, model_spec, history, seed, time.perf_counter() - t_start, out_weights, out_history)
+    save_run(job, model, spec.model, history, spec.seed, time.perf_counter() - t_start, spec.out_weights,
+             spec.out_history)
 
 
-def train_pack_job(data_path: str, model_spec: dict[str, Any], train_cfg: dict[str, Any], seeds: list[int],
-                   out_weights: list[str], out_histories: list[str], poison_paths: list[str | None],
-                   trigger_paths: list[str | None], device: str, probes: int) -> None:
+@dataclass(frozen=True)
+class TrainPackJob:
+    """The runs of several seeds trained as one packed computation: per run (in the order of ``seeds``) its output
+    files, poison record and trigger, as :class:`TrainJob` has them for one run."""
+
+    data: str
+    model: dict[str, Any]
+    train: dict[str, Any]
+    seeds: list[int]
+    out_weights: list[str]
+    out_histories: list[str]
+    poisons: list[str | None]
+    triggers: list[str | None]
+    device: str
+    probes: int
+
+    @classmethod
+    def from_context(cls, job: JobContext) -> TrainPackJob:
+        p = job.params
+        seeds = [int(s) for s in p.seeds]
+        weights, histories = zip(*(pack_run_files(job.output[0], s) for s in seeds))
+        return cls(job.input.data, dict(p.model), dict(p.train), seeds, list(weights), list(histories),
+                   list(p.poison), [t or None for t in p.trigger], device=job.device, probes=p.probes)
+
+
+def train_pack_job(spec: TrainPackJob) -> None:
     """Train the runs of several seeds as one packed computation (``fit_packed``); each run's files are the same
     as :func:`train_job` writes for it, up to float rounding order."""
-    if not len(seeds) == len(out_weights) == len(out_histories) == len(poison_paths) == len(trigger_paths):
+    seeds = spec.seeds
+    if not len(seeds) == len(spec.out_weights) == len(spec.out_histories) == len(spec.poisons) == len(spec.triggers):
         raise ValueError("train_pack_job: seeds, outputs, poison and trigger paths must have one entry per run")
     t_start = time.perf_counter()
-    job = JobData.open(data_path, device)
-    runs = [build_run(job, model_spec, train_cfg, seed, poison, trigger, probes)
-            for seed, poison, trigger in zip(seeds, poison_paths, trigger_paths)]
+    job = JobData.open(spec.data, spec.device)
+    runs = [build_run(job, spec.model, spec.train, seed, poison, trigger, spec.probes)
+            for seed, poison, trigger in zip(seeds, spec.poisons, spec.triggers)]
     models, datasets, cfgs, run_probes = (list(column) for column in zip(*runs))
     print(f"device {job.device}, pack of {len(seeds)} (seeds {seeds}), threads {torch.get_num_threads()}, "
           f"start-up {time.perf_counter() - t_start:.1f} s")
     histories = fit_packed(models, datasets, cfgs, job.x_test, job.y_test, probes=run_probes, device=job.device,
                            log=sys.stderr)
     wall = time.perf_counter() - t_start
-    for model, history, seed, weights, out_history in zip(models, histories, seeds, out_weights, out_histories):
-        save_run(job, model, model_spec, history, seed, wall, weights, out_history)
+    for model, history, seed, weights, out_history in zip(models, histories, seeds, spec.out_weights,
+                                                          spec.out_histories):
+        save_run(job, model, spec.model, history, seed, wall, weights, out_history)
 
 
 def pack_run_files(pack_dir: str, seed: int) -> tuple[str, str]:

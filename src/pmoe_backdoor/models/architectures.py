@@ -1,7 +1,7 @@
 """The pMoE CNN of Chowdhury et al. (2023) as used by Chan et al. (2025), and a dense WRN baseline.
 
-Faithful to the authors' Keras model (spec section 1): pre-activation WRN trunk, TF-style asymmetric padding
-for the stride-2 3x3 convolutions, BN eps 1e-3 / momentum 0.01, Xavier-uniform weights with zero biases,
+Faithful to the authors' Keras model (docs/faithful-behaviour.md §1): pre-activation WRN trunk, TF-style asymmetric
+padding for the stride-2 3x3 convolutions, BN eps 1e-3 / momentum 0.01, Xavier-uniform weights with zero biases,
 per-expert routers that pick the top-k of 64 patch positions and multiply the features by the softmax
 probabilities there, experts applied to the full masked 8x8 map.
 """

@@ -1,4 +1,4 @@
-"""Routing (patch-selection) analysis, spec section 6.
+"""Routing (patch-selection) analysis, docs/faithful-behaviour.md §7.
 
 Position p of the 8x8 grid is (row, col) = (p // 8, p % 8). For analysis the authors treat it as the pixel
 block rows 4r..4r+3, cols 4c..4c+3 (its true receptive field is 17x17 px centred on (4r+3, 4c+3)); this

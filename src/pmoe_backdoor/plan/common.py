@@ -12,9 +12,8 @@ RESULTS = "results"
 REPLICA_SEED_STEP = 100
 # dataset sources with local data: the file or folder is an input of prepare_data and its content is digested
 SOURCES_WITH_DATA = ("npz", "imagefolder")
-# the data- and input-level defenses of the blindspot table that have a rule of their own (Neural Cleanse and
-# Fine-Pruning come from their own stages)
-BLINDSPOT_DEFENSES = ("strip", "activation_clustering", "spectral_signatures")
+# the keys of a defense's config block that choose which jobs exist (the job reads the others)
+DEFENSE_SELECTION_KEYS = ("enabled", "precisions", "rates", "seeds")
 # the training keys the fine-tuning inside Fine-Pruning and the merged models' defense do not read: they set
 # their own epochs and lr (and no per-epoch evaluation), so a change of these must not rerun them
 FINETUNE_OVERRIDES = ("epochs", "lr")

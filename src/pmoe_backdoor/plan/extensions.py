@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from ..defenses import DEFENSES
 from ..naming import CLEAN, attack_name, fmt_rate, parse_attack
-from .common import BLINDSPOT_DEFENSES, REPLICA_SEED_STEP, RESULTS, DefenseApplication, canonical, without
+from .common import DEFENSE_SELECTION_KEYS, REPLICA_SEED_STEP, RESULTS, DefenseApplication, canonical, without
 
 
 class AnalysisPlan:
@@ -170,11 +171,8 @@ class CompressionPlan:
         """The attack recipe of one model: the train block, its variant, the pruning keys, the dataset's lr drop."""
         variant = wc.attack.rsplit("-", 1)[0]
         prune = self.compress["prune"]
-        cfg = dict(self.compress["train"], variant=variant)
-        for key, name in (("rate", "prune_rate"), ("lower", "prune_lower"), ("upper", "prune_upper"),
-                          ("alpha", "alpha")):
-            if prune.get(key) is not None:
-                cfg[name] = prune[key]
+        cfg = dict(self.compress["train"], variant=variant, prune_rate=prune["rate"], prune_lower=prune["lower"],
+                   prune_upper=prune["upper"], alpha=prune["alpha"])
         by_dataset = self.compress.get("lr_drop_epoch_by_dataset", {})
         if wc.dataset in by_dataset:
             cfg["lr_drop_epoch"] = by_dataset[wc.dataset]
@@ -231,18 +229,30 @@ class BlindspotPlan:
             for s in self.seeds_for(a)[: self.blind["seeds"]]
         ]
 
-    def defense_applications(self, dataset: str) -> list[DefenseApplication]:
-        """Every defense of the blindspot table on every model it examines at every precision (Neural Cleanse at
-        the precisions both its block and the blindspot block name)."""
-        runs = self.blindspot_runs(dataset)
-        apps = [DefenseApplication(d, run, attack, p)
-                for run, attack in runs for d in BLINDSPOT_DEFENSES for p in self.blind["precisions"]]
-        if self.nc["enabled"]:
-            precisions = [p for p in self.nc["precisions"] if p in self.blind["precisions"]]
-            apps += [DefenseApplication("neural_cleanse", run, attack, p) for run, attack in runs for p in precisions]
-        return apps
+    def blindspot_defenses(self) -> list[str]:
+        """The registered defenses whose config block is there and not switched off (``enabled``)."""
+        return [name for name in DEFENSES if self.config.get(name) is not None
+                and self.config[name].get("enabled", True)]
 
-    def strip_triggers(self, wc: Any) -> dict[str, str]:
+    def defense_precisions(self, name: str) -> list[str]:
+        """The blindspot precisions a defense runs at: all, or those its own block names too (``precisions``)."""
+        own = self.config[name].get("precisions")
+        return [p for p in self.blind["precisions"] if own is None or p in own]
+
+    def defense_config(self, name: str) -> dict[str, Any]:
+        """What a defense job reads of its config block: all but the keys that choose which jobs exist."""
+        return without(self.config.get(name) or {}, DEFENSE_SELECTION_KEYS)
+
+    def defense_applications(self, dataset: str) -> list[DefenseApplication]:
+        """Every defense of the blindspot table on every model it examines at every precision; a defense that
+        removes backdoors rather than detecting them (``on_clean_models`` false) on the attacked models only."""
+        runs = self.blindspot_runs(dataset)
+        return [DefenseApplication(name, run, attack, p)
+                for name in self.blindspot_defenses()
+                for run, attack in runs if attack != CLEAN or DEFENSES[name].on_clean_models
+                for p in self.defense_precisions(name)]
+
+    def defense_triggers(self, wc: Any) -> dict[str, str]:
         """The run's own trigger; for a clean model every analysed trigger of its seed (its false positives)."""
         names = self.blindspot_triggers() if wc.attack == CLEAN else [parse_attack(wc.attack)[0]]
         return {n: self.trigger_path(wc.dataset, n, wc.seed) for n in names}

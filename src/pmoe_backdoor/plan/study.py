@@ -203,13 +203,6 @@ class StudyPlan:
         entries["triggers"] = sorted({t for t in entries["trigger_of_entry"] if t})
         return entries
 
-    def nc_optimizer(self) -> dict[str, Any]:
-        """Neural Cleanse's optimizer keys and, only when it is not the default 'fast', its schedule: results of
-        the fast schedule keep the parameters they were made with (and are not rerun). Every Neural Cleanse rule
-        (the detection and blindspot tables' and the compression study's) takes its settings from here."""
-        schedule = self.nc.get("schedule", "fast")
-        return canonical({**self.nc.get("optimizer", {}), **({"schedule": schedule} if schedule != "fast" else {})})
-
     # ----- datasets: the data file or folder of a dataset and its content digest -----
 
     def dataset_path(self, name: str) -> str:

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..defenses import DEFENSES, DefenseSummary
 from ..io import read_json
 from ..naming import parse_attack
 from .figures import _plt, _savefig
@@ -22,7 +23,8 @@ from .tables import HtmlLayout, num, pm, std, write_csv, write_table
 PRECISION_ORDER = ("fp32", "int8_dynamic", "int8", "int4")
 PRECISION_NOTES = {"int8_dynamic": "int8 dynamic (PyTorch: Linear layers only)", "int8": "int8 static W8A8",
                    "int4": "int4 weight-only (simulated)"}
-DEFENSE_ORDER = ("Neural Cleanse", "STRIP", "Activation Clustering", "Spectral Signatures")
+# the registry's order (the paper's defenses first), then Fine-Pruning's rows
+DEFENSE_ORDER = tuple(spec.title for spec in DEFENSES.values())
 MARKERS = "osD^vP*Xph"
 
 
@@ -38,23 +40,16 @@ def paper_claim(defense: str, precision: str, paper_dataset: str) -> tuple[str, 
     return "", None, None
 
 
-def target_found(m: dict) -> float:
-    """100 when a label-level defense's summary names the attack's target among the labels it flags, 0 when it
-    does not, nan for a clean model or a defense without labels (STRIP decides per input, Fine-Pruning by ASR)."""
-    if m.get("target") is None or parse_attack(m["attack"])[0] == "clean":
-        return np.nan
-    if "flagged_labels" in m:  # Activation Clustering, Spectral Signatures
-        return 100.0 * (m["target"] in m["flagged_labels"])
-    if "detected_target" in m:  # Neural Cleanse
-        return 100.0 * bool(m["detected_target"])
-    return np.nan
-
-
-def _row(m: dict, defense: str, detected: bool, asr_after: float = np.nan) -> dict:
+def _row(m: dict, defense: str, detected: bool, target_found: bool | None = None, asr_after: float | None = None
+         ) -> dict:
+    """One decision; target_found: 100 when a label-level defense names the attack's target among the labels it
+    flags, 0 when not, nan for a clean model or a defense that names no label (STRIP decides per input,
+    Fine-Pruning and fine-tuning by ASR)."""
     trigger, rate = parse_attack(m["attack"])
     return {"dataset": m["dataset"], "model": m["model"], "defense": defense, "trigger": trigger, "rate": float(rate),
             "seed": m["seed"], "precision": m["precision"], "detected": 100.0 * bool(detected),
-            "target_found": target_found(m), "asr_after": asr_after}
+            "target_found": np.nan if target_found is None else 100.0 * bool(target_found),
+            "asr_after": np.nan if asr_after is None else asr_after}
 
 
 def collect(defense_paths: Sequence[str], deployed_paths: Sequence[str], fine_pruned_paths: Sequence[str],
@@ -63,12 +58,12 @@ def collect(defense_paths: Sequence[str], deployed_paths: Sequence[str], fine_pr
     undefended model's ASR and BA there."""
     rows = []
     for p in defense_paths:
-        m = read_json(p)
-        rows.append(_row(m, m.get("defense", "Neural Cleanse"), m["flagged"]))
+        s = DefenseSummary.from_dict(read_json(p), p)
+        rows.append(_row(s.fields, s.title, s.flagged, s.target_found, s.asr_after))
     for p in fine_pruned_paths:
         for m in read_json(p):
             asr = m.get("asr", np.nan)
-            rows.append(_row(m, f"Fine-Pruning ({m['fine_pruned']})", asr < fp_asr_level, asr))
+            rows.append(_row(m, f"Fine-Pruning ({m['fine_pruned']})", asr < fp_asr_level, None, asr))
     df = pd.DataFrame(rows)
     if precisions is not None and len(df):
         df = df[df.precision.isin(list(precisions))]
@@ -130,14 +125,15 @@ def blindspot_table(defense_paths: Sequence[str], deployed_paths: Sequence[str],
                          f"{len(fine_pruned_paths)} Fine-Pruning files is at the precisions {list(precisions or [])}")
     write_csv(summary, out_csv)
     header = ["Dataset", "Model", "Defense", "Trigger", "Rate %", "Precision", "Models", "Detected % (clean: FP %)",
-              "Target label flagged %", "ASR %", "BA %", "ASR after FP %", "Paper (Pandey & Ye)", "Agrees"]
+              "Target label flagged %", "ASR %", "BA %", "ASR after defense %", "Paper (Pandey & Ye)", "Agrees"]
     body = [[r["dataset"], r["model"], r["defense"], r["trigger"], "–" if r["trigger"] == "clean" else f"{r['rate']:g}",
              PRECISION_NOTES.get(r["precision"], r["precision"]), str(r["models"]),
              pm(r["detected_mean"], r["detected_std"], 0), num(r["target_found_mean"], 0),
              pm(r["asr_mean"], r["asr_std"]), pm(r["ba_mean"], r["ba_std"]), num(r["asr_after_mean"]),
              r["paper"] or "–", {True: "yes", False: "no"}.get(r["agrees"], "–")] for r in summary.to_dict("records")]
     title = (f"Quantization blindspot: each defense on the models as deployed; Detected %: share of attacked models "
-             f"the defense flags (Fine-Pruning: ASR after it below {fp_asr_level:g} %), for clean models the false "
+             f"the defense flags (removal defenses - Fine-Pruning, fine-tuning - : ASR after them below "
+             f"{fp_asr_level:g} %, fine-tuning by its own removal_asr), for clean models the false "
              "positives; Target label flagged %: share of attacked models whose flagged labels include the attack's "
              "target (label-level defenses); mean ± std over seeds; ASR and BA of the undefended model at that "
              f"precision; the paper's claim for {paper_name} (INT8 = dynamic quantization) and whether ours agrees")

@@ -4,8 +4,8 @@ clean test set, BN recalibration, the routing of probe images). The dataset is o
 into index-slice batches of one permutation per epoch: no per-sample Python, no host synchronisation inside the
 step loop.
 
-Faithful defaults (spec section 2): x/255 inputs without normalisation or augmentation, SGD lr 0.1 without
-momentum or weight decay, constant rate, 25 epochs, batch 128, reshuffle each epoch, last partial batch
+Faithful defaults (docs/faithful-behaviour.md §2): x/255 inputs without normalisation or augmentation, SGD lr 0.1
+without momentum or weight decay, constant rate, 25 epochs, batch 128, reshuffle each epoch, last partial batch
 kept, cross-entropy on logits, clean test accuracy after every epoch, routing of fixed probe images recorded
 every epoch.
 """

@@ -1,9 +1,7 @@
 from pmoe_backdoor.jobs.analysis import patch_map_figure, routing_maps_job
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    w = snakemake.wildcards
-    routing_maps_job(snakemake.input.data, dict(snakemake.params.models), list(snakemake.params.classes),
-                     snakemake.output.json, device=snakemake.params.device)
-    patch_map_figure(snakemake.output.json, snakemake.output.maps,
-                     f"Patch routing before and after Fine-Pruning: {w.dataset}, {w.model}")
+with job_context(snakemake) as job:
+    routing_maps_job(job.input.data, dict(job.params.models), list(job.params.classes), job.output.json, job.device)
+    patch_map_figure(job.output.json, job.output.maps,
+                     f"Patch routing before and after Fine-Pruning: {job.wildcards.dataset}, {job.wildcards.model}")

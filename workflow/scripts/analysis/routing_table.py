@@ -1,7 +1,7 @@
 from pmoe_backdoor.jobs.analysis import routing_stats_figure, routing_stats_table
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    routing_stats_table(list(snakemake.input), snakemake.output.csv, snakemake.output.md, snakemake.output.tex,
-                        snakemake.output.html)
-    routing_stats_figure(snakemake.output.csv, snakemake.output.png)
+with job_context(snakemake) as job:
+    out = job.output
+    routing_stats_table(list(job.input), out.csv, out.md, out.tex, out.html)
+    routing_stats_figure(out.csv, out.png)

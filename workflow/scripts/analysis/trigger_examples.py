@@ -1,7 +1,6 @@
 from pmoe_backdoor.jobs.analysis import trigger_examples_job
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    trigger_examples_job(snakemake.input.data, dict(zip(snakemake.params.names, snakemake.input.triggers)),
-                         list(snakemake.params.classes), snakemake.output[0],
-                         f"Triggers on {snakemake.wildcards.dataset} test images")
+with job_context(snakemake) as job:
+    trigger_examples_job(job.input.data, dict(zip(job.params.names, job.input.triggers)), list(job.params.classes),
+                         job.output[0], f"Triggers on {job.wildcards.dataset} test images")

@@ -1,5 +1,5 @@
 from pmoe_backdoor.jobs.data import prepare_data
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    prepare_data(dict(snakemake.params.spec), snakemake.output[0])
+with job_context(snakemake) as job:
+    prepare_data(dict(job.params.spec), job.output[0])

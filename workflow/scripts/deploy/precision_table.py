@@ -1,7 +1,7 @@
 from pmoe_backdoor.jobs.deploy import precision_table
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    for dataset, paths in snakemake.params.inputs.items():
-        out = {kind: getattr(snakemake.output, f"{kind}_{dataset}") for kind in ("csv", "md", "tex", "html")}
+with job_context(snakemake) as job:
+    for dataset, paths in job.params.inputs.items():
+        out = {kind: getattr(job.output, f"{kind}_{dataset}") for kind in ("csv", "md", "tex", "html")}
         precision_table(list(paths), out["csv"], out["md"], out["tex"], out["html"])

@@ -1,11 +1,6 @@
-from pmoe_backdoor.jobs.common import RunId
 from pmoe_backdoor.jobs.evaluate import evaluate_job
-from pmoe_backdoor.runtime import log_to, set_threads
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    set_threads(snakemake.threads)
-    w = snakemake.wildcards
-    evaluate_job(snakemake.input.data, snakemake.input.weights, snakemake.output[0],
-                 trigger_path=snakemake.input.trigger or None, target=snakemake.params.target,
-                 batch_size=snakemake.params.batch_size, device=snakemake.params.device,
-                 run=RunId(w.dataset, w.model, w.attack, int(w.seed)))
+with job_context(snakemake) as job:
+    i, p = job.input, job.params
+    evaluate_job(i.data, i.weights, job.output[0], i.trigger or None, p.target, p.batch_size, job.device, job.run)

@@ -1,6 +1,5 @@
 from pmoe_backdoor.jobs.merging import merge_models_job
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    merge_models_job(list(snakemake.input.victims), snakemake.input.strategy, snakemake.params.roles,
-                     snakemake.output[0])
+with job_context(snakemake) as job:
+    merge_models_job(list(job.input.victims), job.input.strategy, job.params.roles, job.output[0])

@@ -1,6 +1,6 @@
 from pmoe_backdoor.jobs.merging import merged_defense_table
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    o = snakemake.output
-    merged_defense_table(list(snakemake.input), o.csv, o.md, o.tex, o.html)
+with job_context(snakemake) as job:
+    out = job.output
+    merged_defense_table(list(job.input), out.csv, out.md, out.tex, out.html)

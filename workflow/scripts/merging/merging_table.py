@@ -1,6 +1,6 @@
 from pmoe_backdoor.jobs.merging import merging_table
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    o = snakemake.output
-    merging_table(list(snakemake.input), snakemake.params.target, o.csv, o.md, o.tex, o.html)
+with job_context(snakemake) as job:
+    out = job.output
+    merging_table(list(job.input), job.params.target, out.csv, out.md, out.tex, out.html)

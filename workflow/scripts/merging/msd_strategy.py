@@ -1,7 +1,6 @@
 from pmoe_backdoor.jobs.merging import strategy_job
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    w = snakemake.wildcards
-    strategy_job(int(w.n), w.coupling == "tied", dict(snakemake.params.weights), dict(snakemake.params.evolution),
-                 snakemake.output[0])
+with job_context(snakemake) as job:
+    w, p = job.wildcards, job.params
+    strategy_job(int(w.n), w.coupling == "tied", dict(p.weights), dict(p.evolution), job.output[0])

@@ -1,5 +1,5 @@
 from pmoe_backdoor.jobs.merging import strategy_figure
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    strategy_figure(list(snakemake.input), list(snakemake.params.labels), snakemake.output[0])
+with job_context(snakemake) as job:
+    strategy_figure(list(job.input), list(job.params.labels), job.output[0])

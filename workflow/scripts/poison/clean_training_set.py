@@ -1,5 +1,5 @@
 from pmoe_backdoor.jobs.poison import clean_record_file
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    clean_record_file(snakemake.input.data, snakemake.output[0])
+with job_context(snakemake) as job:
+    clean_record_file(job.input.data, job.output[0])

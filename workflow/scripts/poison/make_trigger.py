@@ -1,6 +1,7 @@
 from pmoe_backdoor.jobs.poison import make_trigger_file, trigger_seed
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    seed = trigger_seed(snakemake.params.kind, snakemake.params.trigger_seed, int(snakemake.wildcards.seed))
-    make_trigger_file(snakemake.params.kind, dict(snakemake.params.params), seed, snakemake.output[0])
+with job_context(snakemake) as job:
+    p = job.params
+    make_trigger_file(p.kind, dict(p.params), trigger_seed(p.kind, p.trigger_seed, int(job.wildcards.seed)),
+                      job.output[0])

@@ -1,7 +1,6 @@
 from pmoe_backdoor.jobs.poison import make_poison_file
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    make_poison_file(snakemake.input.data, snakemake.input.trigger, float(snakemake.wildcards.rate),
-                     int(snakemake.wildcards.seed), snakemake.params.target, snakemake.params.exclude_target,
-                     snakemake.output[0])
+with job_context(snakemake) as job:
+    i, p, w = job.input, job.params, job.wildcards
+    make_poison_file(i.data, i.trigger, float(w.rate), int(w.seed), p.target, p.exclude_target, job.output[0])

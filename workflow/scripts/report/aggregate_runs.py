@@ -1,5 +1,5 @@
 from pmoe_backdoor.jobs.report import collect_runs
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    collect_runs(list(snakemake.input), snakemake.output.csv, snakemake.output.html)
+with job_context(snakemake) as job:
+    collect_runs(list(job.input), job.output.csv, job.output.html)

@@ -1,6 +1,5 @@
 from pmoe_backdoor.jobs.report import attack_figure
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    attack_figure(list(snakemake.input.runs), snakemake.input.paper, dict(snakemake.params.paper_names),
-                  snakemake.output[0])
+with job_context(snakemake) as job:
+    attack_figure(list(job.input.runs), job.input.paper, dict(job.params.paper_names), job.output[0])

@@ -1,7 +1,7 @@
 from pmoe_backdoor.jobs.report import attack_table
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    attack_table(snakemake.input.runs, snakemake.input.paper, snakemake.wildcards.dataset,
-                 snakemake.params.paper_name, snakemake.output.csv, snakemake.output.md, snakemake.output.tex,
-                 snakemake.output.html)
+with job_context(snakemake) as job:
+    out = job.output
+    attack_table(job.input.runs, job.input.paper, job.wildcards.dataset, job.params.paper_name, out.csv, out.md,
+                 out.tex, out.html)

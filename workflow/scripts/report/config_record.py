@@ -1,6 +1,6 @@
 from pmoe_backdoor.jobs.report import config_record
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    p = snakemake.params
-    config_record(p.config, dict(p.configfiles), dict(p.overrides), snakemake.output.yaml, snakemake.output.html)
+with job_context(snakemake) as job:
+    p = job.params
+    config_record(p.config, dict(p.configfiles), dict(p.overrides), job.output.yaml, job.output.html)

@@ -1,7 +1,7 @@
 from pmoe_backdoor.jobs.report import fine_pruning_table
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    fine_pruning_table(list(snakemake.input.runs), snakemake.output.csv, snakemake.output.md, snakemake.output.tex,
-                       snakemake.input.paper, dict(snakemake.params.paper_names),
-                       out_html=snakemake.output.html)
+with job_context(snakemake) as job:
+    out = job.output
+    fine_pruning_table(list(job.input.runs), out.csv, out.md, out.tex, job.input.paper, dict(job.params.paper_names),
+                       out_html=out.html)

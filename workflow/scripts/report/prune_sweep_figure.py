@@ -1,5 +1,5 @@
 from pmoe_backdoor.jobs.report import prune_sweep_figure
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    prune_sweep_figure(list(snakemake.input), snakemake.output[0])
+with job_context(snakemake) as job:
+    prune_sweep_figure(list(job.input), job.output[0])

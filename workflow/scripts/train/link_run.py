@@ -1,5 +1,5 @@
 from pmoe_backdoor.jobs.train import link_run
-from pmoe_backdoor.runtime import log_to
+from pmoe_backdoor.jobs.wrapper import job_context
 
-with log_to(snakemake.log[0]):
-    link_run(snakemake.input[0], int(snakemake.wildcards.seed), snakemake.output.weights, snakemake.output.history)
+with job_context(snakemake) as job:
+    link_run(job.input[0], int(job.wildcards.seed), job.output.weights, job.output.history)
