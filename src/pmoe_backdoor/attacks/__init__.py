@@ -10,9 +10,10 @@ imported only when a trigger is built or loaded. Adding a trigger: a ``Trigger``
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
+
+from ..registry import Registry, import_attribute
 
 
 @dataclass(frozen=True)
@@ -31,22 +32,12 @@ class TriggerKind:
     patch_located: bool = False
 
     def load(self) -> type:
-        module, _, name = self.implementation.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return import_attribute(self.implementation)
 
 
-TRIGGERS: dict[str, TriggerKind] = {}
-
-
-def register_trigger(kind: TriggerKind) -> TriggerKind:
-    TRIGGERS[kind.name] = kind
-    return kind
-
-
-def trigger_kind(name: str) -> TriggerKind:
-    if name not in TRIGGERS:
-        raise ValueError(f"trigger kind must be one of {tuple(TRIGGERS)}, got {name!r}")
-    return TRIGGERS[name]
+TRIGGERS: Registry[TriggerKind] = Registry("trigger kind")
+register_trigger = TRIGGERS.register
+trigger_kind = TRIGGERS.lookup
 
 
 def make_trigger(kind: str, params: dict[str, Any] | None = None, seed: int = 0) -> Any:

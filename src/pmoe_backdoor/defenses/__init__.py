@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..registry import Registry
+
 if TYPE_CHECKING:  # the types of what the job hands a defense; imported only by type checkers
     import torch
 
@@ -127,5 +129,7 @@ def _discover() -> dict[str, DefenseSpec]:
 
 # the table's order: the paper's defenses first, then the baselines
 _ORDER = ("neural_cleanse", "strip", "activation_clustering", "spectral_signatures")
-DEFENSES: dict[str, DefenseSpec] = dict(
-    sorted(_discover().items(), key=lambda kv: (_ORDER.index(kv[0]) if kv[0] in _ORDER else len(_ORDER), kv[0])))
+DEFENSES: Registry[DefenseSpec] = Registry("defense")
+for _name, _spec in sorted(_discover().items(), key=lambda kv: (_ORDER.index(kv[0]) if kv[0] in _ORDER
+                                                                 else len(_ORDER), kv[0])):
+    DEFENSES.register(_spec)

@@ -15,9 +15,10 @@ not names); its builder is imported only when a model is built. Adding a model: 
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from ..registry import Registry, import_attribute
 
 
 @dataclass(frozen=True)
@@ -34,22 +35,12 @@ class ModelKind:
     prunable_channels: bool = False
 
     def load(self) -> Callable[..., Any]:
-        module, _, name = self.builder.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return import_attribute(self.builder)
 
 
-MODELS: dict[str, ModelKind] = {}
-
-
-def register_model(kind: ModelKind) -> ModelKind:
-    MODELS[kind.name] = kind
-    return kind
-
-
-def model_kind(name: str) -> ModelKind:
-    if name not in MODELS:
-        raise ValueError(f"model name (arch) must be one of {tuple(MODELS)}, got {name!r}")
-    return MODELS[name]
+MODELS: Registry[ModelKind] = Registry("model name (arch)")
+register_model = MODELS.register
+model_kind = MODELS.lookup
 
 
 register_model(ModelKind("pmoe", "pmoe_backdoor.models.architectures:build_pmoe", routing=True, module_slots=True,
