@@ -1,4 +1,5 @@
-"""A TensorFlow/Keras reference pMoE (docs/faithful-behaviour.md §1) for side-by-side CPU throughput with the PyTorch model.
+"""A TensorFlow/Keras reference pMoE (docs/faithful-behaviour.md §1) for side-by-side CPU throughput with the
+PyTorch model.
 
 Runs in its own virtual environment (not the project's; it does not import pmoe_backdoor):
 
@@ -6,9 +7,9 @@ Runs in its own virtual environment (not the project's; it does not import pmoe_
     /tmp/tfenv/bin/python benchmarks/tf_reference.py --threads 2
     ONEDNN_MAX_CPU_ISA=AVX2 /tmp/tfenv/bin/python benchmarks/tf_reference.py --threads 2   # an AVX2-only CPU
 
-Written from docs/faithful-behaviour.md §1, not from the authors' code: pre-activation WRN trunk (stem, one block of 16k and one of
-32k channels, stride-2 'same' convolutions), BN-ReLU-conv3x3/2 to the 8x8x640 map, four routers (1x1 score
-conv, softmax over the 64 positions, top-16, the map times the softmax value there and 0 elsewhere), four
+Written from docs/faithful-behaviour.md §1, not from the authors' code: pre-activation WRN trunk (stem, one block
+of 16k and one of 32k channels, stride-2 'same' convolutions), BN-ReLU-conv3x3/2 to the 8x8x640 map, four routers
+(1x1 score conv, softmax over the 64 positions, top-16, the map times the softmax value there and 0 elsewhere), four
 experts BN-ReLU-conv1x1 on the full masked map, concatenated, head BN-ReLU-average pool-dense-softmax. Keras
 defaults (BN eps 1e-3, momentum 0.99, Glorot-uniform kernels, zero biases; routers Normal(0, 1e-4)).
 Prints the trainable parameter count (3,962,890 at widen 10, 10 classes), then img/s of a training step
