@@ -108,6 +108,13 @@ def test_a_defense_job_gets_its_block_without_the_keys_that_choose_jobs():
     assert plan.defense_config("fine_tuning")["images"] == 500 and "enabled" not in plan.defense_config("fine_tuning")
 
 
+def test_the_compression_attack_plans_on_a_control_model():
+    plan = Plan(load("smoke", **{"models.control": {"arch": "vgg", "depth": 11, "width": 0.125},
+                                 "compression_attack.model": "control"}))
+    assert plan.compression_runs("synth") == [("control", "faithful-1", 0)]
+    assert plan.routed_models() == ["pmoe"]  # routing analysis stays on the pMoE
+
+
 def test_fine_pruning_fresh_models_per_rate():
     plan = Plan(load("smoke", **{"fine_pruning.model_per_rate": "fresh", "seeds.attack": 2}))
     jobs = plan.fine_prune_jobs()
@@ -158,6 +165,10 @@ def test_relative_dataset_path_is_taken_from_the_layer_that_set_it(tmp_path: Pat
     ({"fine_pruning.models": ["dense"], "models.dense": {"arch": "wrn"}},
      "'dense' must name a model of 'models' with expert"),
     ({"merging.seeds": 9}, "merging.seeds (9) exceeds seeds.clean (2)"),
+    ({"compression_attack.variants": ["prune"], "models.control": {"arch": "vgg"},
+      "compression_attack.model": "control"},
+     "compression_attack.model (a pruning variant) 'control' must name a model of 'models' with expert channels"),
+    ({"compression_attack.model": "nope"}, "compression_attack.model 'nope' must name a model of 'models'"),
     ({"compression_attack.prune": {"rate": 40, "lower": 10, "upper": 30}}, "needs lower <= rate <= upper"),
     ({"blindspot.precisions": ["int8_dynamic"]}, "blindspot.precisions ['int8_dynamic'] are not in deployment"),
     ({"strip.holdout": 10}, "strip.holdout (10) is too small for strip.frr 0.05"),

@@ -446,3 +446,16 @@ def test_make_trigger_bad_kind_named():
 def test_apply_rejects_wrong_dtype_or_shape(trigger, bad):
     with pytest.raises(ValueError, match="uint8"):
         trigger.apply(bad)
+
+
+def test_square_presets_are_the_source_papers_squares():
+    badnets = make_trigger("square", {"preset": "badnets"})
+    assert (badnets.size, badnets.value, badnets.row, badnets.col) == (3, 255, 29, 29)  # bottom-right corner
+    x = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    written = badnets.apply(x)[0].sum(-1).nonzero().tolist()
+    assert written == [[r, c] for r in range(29, 32) for c in range(29, 32)]
+    assert make_trigger("square", {"preset": "tian"}) == make_trigger("square", {"size": 6, "value": 255, "row": 24,
+                                                                                 "col": 24})
+    assert make_trigger("square", {"preset": "tian", "value": 128}).value == 128  # a key beside it overrides it
+    with pytest.raises(ValueError, match="preset must be one of"):
+        make_trigger("square", {"preset": "badnet"})

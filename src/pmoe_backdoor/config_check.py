@@ -261,7 +261,13 @@ def _check_compression_attack(cfg: dict) -> None:
     block = cfg["compression_attack"]
     if not block["enabled"]:
         return
-    check_capable_model(cfg, block["model"], "compression_attack.model", "routing", "routers (routing flips)")
+    if block["model"] not in cfg["models"]:
+        raise ConfigError(f"config: compression_attack.model {block['model']!r} must name a model of 'models'")
+    # the quantisation variants train any model (routing flips are reported where it has routers); the pruning
+    # variants prune expert channels
+    if set(block["variants"]) & {"prune", "prune_unknown"}:
+        check_capable_model(cfg, block["model"], "compression_attack.model (a pruning variant)", "prunable_channels",
+                            "expert channels to prune")
     for key in ("datasets", "targets_by_dataset", "lr_drop_epoch_by_dataset", "max_fp32_asr_by_dataset"):
         check_names(block.get(key, []), f"compression_attack.{key}", cfg["datasets"], "'datasets'")
     prune = block["prune"]

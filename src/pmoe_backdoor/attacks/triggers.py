@@ -84,7 +84,12 @@ class Trigger:
 @dataclass
 class SquareTrigger(Trigger):
     kind: ClassVar[str] = "square"
-    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset({"size", "value", "row", "col"})
+    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset({"size", "value", "row", "col", "preset"})
+    # the source papers' canonical squares, by name (keys given beside a preset override it): BadNets as
+    # BackdoorBench sets it up (a white 3x3 patch in the bottom-right corner) and Tian et al.'s white 6x6 square at
+    # rows and columns 24-29; without a preset, the pMoE authors' effective trigger (below)
+    PRESETS: ClassVar[dict[str, dict[str, int]]] = {"badnets": {"size": 3, "value": 255, "row": 29, "col": 29},
+                                                    "tian": {"size": 6, "value": 255, "row": 24, "col": 24}}
     size: int = 4
     value: int = 1  # on the 0-255 scale: the authors wrote 1 into 0-255 data (a black square); 255 is white
     row: int = 0
@@ -93,7 +98,11 @@ class SquareTrigger(Trigger):
     @classmethod
     def from_config(cls, params: dict[str, Any], seed: int) -> "SquareTrigger":
         cls.check_keys(params)
-        t = cls(**params)
+        params = dict(params)
+        preset = params.pop("preset", None)
+        if preset is not None and preset not in cls.PRESETS:
+            raise ValueError(f"trigger 'square': preset must be one of {sorted(cls.PRESETS)}, got {preset!r}")
+        t = cls(**{**cls.PRESETS.get(preset, {}), **params})
         if not (1 <= t.size and 0 <= t.row and 0 <= t.col and t.row + t.size <= H and t.col + t.size <= W
                 and 0 <= t.value <= 255):
             raise ValueError(f"trigger 'square': size/row/col must fit in 32x32 and value in [0, 255]; got {params}")

@@ -46,3 +46,6 @@ model_kind = MODELS.lookup
 register_model(ModelKind("pmoe", "pmoe_backdoor.models.architectures:build_pmoe", routing=True, module_slots=True,
                          prunable_channels=True))
 register_model(ModelKind("wrn", "pmoe_backdoor.models.architectures:build_wrn"))
+# the source papers' architectures, as positive controls (models/controls.py)
+register_model(ModelKind("vgg", "pmoe_backdoor.models.controls:build_vgg"))
+register_model(ModelKind("preact_resnet18", "pmoe_backdoor.models.controls:build_preact_resnet18"))
