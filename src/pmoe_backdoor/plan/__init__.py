@@ -20,6 +20,7 @@ __all__ = ["RESULTS", "DefenseApplication", "Plan", "Run", "canonical"]
 class Plan(StudyPlan, AnalysisPlan, MergingPlan, CompressionPlan, BlindspotPlan):
     """Everything the workflow derives from one validated config (defaults already filled in by the schema)."""
 
+    # ----- what `snakemake` builds by default -----
 
     def report_targets(self) -> list[str]:
         targets = [f"{RESULTS}/tables/runs_{d}.csv" for d in self.datasets] + [f"{RESULTS}/figures/asr_ba_vs_rate.png"]
