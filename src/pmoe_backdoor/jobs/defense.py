@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..attacks import TRIGGERS
-from ..attacks.poison import PoisonRecord
+from ..attacks.poison import PoisonRecord, asr_set
 from ..attacks.triggers import load_trigger
 from ..defenses.fine_pruning import channels_to_prune, expert_channel_means, prune_experts, remove_masks
 from ..evaluate import evaluate
@@ -45,6 +45,16 @@ def fineprune_data(x_train: torch.Tensor, y_train: torch.Tensor, rec: PoisonReco
     return x_ft, y_ft, x_ft[order[:activation_images]]
 
 
+def pruning_inputs(job: JobData, trigger_path: str, poison_path: str, target: int, finetune_data: str,
+                   activation_images: int, seed: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """What Fine-Pruning and the prune sweep read besides the model: the triggered non-target test images and
+    :func:`fineprune_data`'s (fine-tuning images, labels, activation images); the trigger file is read once."""
+    trigger = load_trigger(trigger_path)
+    x_asr = asr_set(job.x_test, job.y_test, trigger, target)[0]
+    return x_asr, fineprune_data(job.x_train, job.y_train, PoisonRecord.load(poison_path), trigger.kind,
+                                 finetune_data, activation_images, seed)
+
+
 @dataclass(frozen=True)
 class FinePruneJob:
     """Fine-Pruning of one run's model at one pruning rate, fine-tuned on ``finetune_data`` (FINETUNE_DATA) with
@@ -76,11 +86,8 @@ def fine_prune_job(spec: FinePruneJob) -> dict:
     fp_cfg, run, target = spec.fine_pruning, spec.run, spec.target
     job = JobData.open(spec.data, spec.device)
     model, meta = job.load_model(spec.weights)
-    trigger = load_trigger(spec.trigger)
-    x_asr = job.asr_images(spec.trigger, target)
-    rec = PoisonRecord.load(spec.poison)
-    x_ft, y_ft, x_act = fineprune_data(job.x_train, job.y_train, rec, trigger.kind, spec.finetune_data,
-                                       int(fp_cfg["activation_images"]), run.seed)
+    x_asr, (x_ft, y_ft, x_act) = pruning_inputs(job, spec.trigger, spec.poison, target, spec.finetune_data,
+                                                int(fp_cfg["activation_images"]), run.seed)
 
     def measure() -> dict[str, float]:
         m = evaluate(model, job.x_test, job.y_test, x_asr, target, job.num_classes, device=job.device)
@@ -135,11 +142,8 @@ def prune_sweep_job(spec: PruneSweepJob) -> list[dict]:
     run, target = spec.run, spec.target
     job = JobData.open(spec.data, spec.device)
     base, _ = job.load_model(spec.weights)
-    trigger = load_trigger(spec.trigger)
-    x_asr = job.asr_images(spec.trigger, target)
-    rec = PoisonRecord.load(spec.poison)
-    _, _, x_act = fineprune_data(job.x_train, job.y_train, rec, trigger.kind, spec.activation_data,
-                                 spec.activation_images, run.seed)
+    x_asr, (_, _, x_act) = pruning_inputs(job, spec.trigger, spec.poison, target, spec.activation_data,
+                                          spec.activation_images, run.seed)
     means = expert_channel_means(base, x_act, device=job.device)
     rows = []
     for rate in spec.rates:

@@ -36,7 +36,7 @@ from .train import training_set
 from .wrapper import JobContext
 
 __all__ = ["DefendMergedJob", "SelectCandidateJob", "defend_merged_job", "finetune_victim_job", "merge_models_job",
-           "merged_defense_table", "merged_set_identity", "merging_table", "select_candidate_job", "strategy_figure",
+           "merged_defense_table", "merging_table", "select_candidate_job", "strategy_figure",
            "strategy_job"]
 
 
@@ -81,37 +81,46 @@ def merge_models_job(victims: list[str], strategy_json: str, roles: str, out_dir
     return files
 
 
-def merged_set_identity(wildcards: Any) -> dict[str, Any]:
-    """Which merged set a merging result belongs to (written into it, as RunId is into a run's result)."""
-    w = wildcards
-    return {"dataset": w.dataset, "model": w.model, "set": w.set, "seed": int(w.seed), "coupling": w.coupling}
-
-
 @dataclass(frozen=True)
-class SelectCandidateJob:
-    """The merged models of one set (``merged``: the folder merge_models wrote) and its victims (label -> weights),
-    scored with each victim trigger; ``holdout_per_class`` test images per class, drawn from ``holdout_seed``, are
-    the defender's clean set, ``inversion`` the config of the suspect-class search."""
+class MergedSetJob:
+    """What every job on one merged set reads: the data, each victim trigger (label -> file), the folder
+    merge_models wrote, the defender's held-out split (``holdout_per_class`` test images per class, drawn from
+    ``holdout_seed``), how ASR and BA are measured, and which set the result belongs to (``identity``)."""
 
     data: str
-    victims: dict[str, str]
     triggers: dict[str, str]
     merged: str
     holdout_per_class: int
     holdout_seed: int
-    inversion: dict[str, Any]
     target: int
     batch_size: int
     device: str
     identity: dict[str, Any]
     out: str
 
+    @staticmethod
+    def common(job: JobContext) -> dict[str, Any]:
+        """The shared fields from a workflow script's job context."""
+        w, p = job.wildcards, job.params
+        return {"data": job.input.data, "triggers": dict(p.triggers), "merged": job.input.merged,
+                "holdout_per_class": p.holdout_per_class, "holdout_seed": p.holdout_seed, "target": p.target,
+                "batch_size": p.batch_size, "device": job.device, "out": job.output[0],
+                "identity": {"dataset": w.dataset, "model": w.model, "set": w.set, "seed": int(w.seed),
+                             "coupling": w.coupling}}
+
+
+@dataclass(frozen=True)
+class SelectCandidateJob(MergedSetJob):
+    """The candidates of one set scored against its victims (label -> weights); ``inversion`` configures the
+    suspect-class search."""
+
+    victims: dict[str, str]
+    inversion: dict[str, Any]
+
     @classmethod
     def from_context(cls, job: JobContext) -> SelectCandidateJob:
-        i, p = job.input, job.params
-        return cls(i.data, dict(zip(p.labels, i.victims)), dict(p.triggers), i.merged, p.holdout_per_class,
-                   p.holdout_seed, dict(p.inversion), p.target, p.batch_size, job.device,
-                   merged_set_identity(job.wildcards), job.output[0])
+        p = job.params
+        return cls(**cls.common(job), victims=dict(zip(p.labels, job.input.victims)), inversion=dict(p.inversion))
 
 
 def select_candidate_job(spec: SelectCandidateJob) -> dict[str, Any]:
@@ -148,34 +157,24 @@ def _reported_split_scorer(job: JobData, rest: torch.Tensor, triggers: dict[str,
 
 
 @dataclass(frozen=True)
-class DefendMergedJob:
+class DefendMergedJob(MergedSetJob):
     """WAG and select_candidate's choice (``selection``) among the merged models of one set, deployed at each of
     ``precisions`` and Fine-Pruned at each of ``prune_rates`` (``fine_pruning``: epochs, lr, mask; over the
     ``train`` recipe); the held-out split must be select_candidate's."""
 
-    data: str
-    triggers: dict[str, str]
-    merged: str
     selection: str
-    holdout_per_class: int
-    holdout_seed: int
     precisions: list[str]
     calibration: int
     prune_rates: list[float]
     fine_pruning: dict[str, Any]
     train: dict[str, Any]
-    target: int
-    batch_size: int
-    device: str
-    identity: dict[str, Any]
-    out: str
 
     @classmethod
     def from_context(cls, job: JobContext) -> DefendMergedJob:
-        i, p = job.input, job.params
-        return cls(i.data, dict(p.triggers), i.merged, i.selection, p.holdout_per_class, p.holdout_seed,
-                   list(p.precisions), p.calibration, list(p.prune_rates), dict(p.fine_pruning), dict(p.train),
-                   p.target, p.batch_size, job.device, merged_set_identity(job.wildcards), job.output[0])
+        p = job.params
+        return cls(**cls.common(job), selection=job.input.selection, precisions=list(p.precisions),
+                   calibration=p.calibration, prune_rates=list(p.prune_rates), fine_pruning=dict(p.fine_pruning),
+                   train=dict(p.train))
 
 
 def defend_merged_job(spec: DefendMergedJob) -> dict[str, Any]:
