@@ -30,14 +30,16 @@ rule finetune_victim:
 
 
 rule msd_strategy:
-    """The MSD strategy for n models of the pmoe architecture (it depends on nothing else: computed once)."""
+    """The MSD strategy for n models of one architecture (it depends on nothing else: computed once)."""
     output:
-        f"{RESULTS}/merging/strategies/n{{n}}_{{coupling}}.json",
+        f"{RESULTS}/merging/strategies/{{arch}}/n{{n}}_{{coupling}}.json",
+    wildcard_constraints:
+        arch=r"[A-Za-z0-9_]+",
     params:
         weights=canonical(plan.merge.get("weights", {})),
         evolution=canonical(plan.merge.get("evolution", {})),
     log:
-        f"{RESULTS}/logs/msd_strategy/n{{n}}_{{coupling}}.log",
+        f"{RESULTS}/logs/msd_strategy/{{arch}}/n{{n}}_{{coupling}}.log",
     conda:
         "../envs/pmoe.yaml"
     script:

@@ -12,8 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pmoe_backdoor.data.datasets import make_synthetic
+from pmoe_backdoor.defenses import schema_defaults
 from pmoe_backdoor.defenses.activation_clustering import (
     activation_clustering,
+    fast_ica,
     penultimate_features,
     precision_recall,
     silhouette,
@@ -106,7 +108,7 @@ def test_superimpose_modes():
 def test_strip_threshold_hand_worked():
     h = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
     # linear interpolation: the 10 % quantile of 5 sorted values lies at position 0.4 -> 0.4
-    assert strip_threshold(h, 0.10) == pytest.approx(0.4)
+    assert strip_threshold(h, 0.10, "empirical") == pytest.approx(0.4)
     # normal fit: mean 2, sample std sqrt(2.5); its 1 % quantile is 2 - 2.3263 * 1.5811 = -1.678
     assert strip_threshold(h, 0.01, "normal") == pytest.approx(2 - 2.326348 * 2.5 ** 0.5, abs=1e-4)
     r = strip_rates(1.5, torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.5, 1.0, 2.0]))
@@ -120,8 +122,10 @@ def test_strip_on_trained_models(models, name, flagged):
     model = models[name][0]
     x, y = models["x_test"], models["y_test"]
     rest = x[100:200]
+    # the empirical quantile: this confident model's clean entropies pile up near 0, where the normal fit's 1 %
+    # quantile falls below every entropy (test_strip_normal_threshold_is_the_default)
     r = strip_defense(model, x[:100], rest, {"white": add_trigger(rest[y[100:200] != 0])}, overlays=20, frr=0.01,
-                      flag_rate=0.5, seed=0)
+                      flag_rate=0.5, seed=0, threshold_method="empirical")
     assert r["flagged"] is flagged
     assert r["frr"] <= 0.05  # about the 1 % asked for, on other clean inputs
     if flagged:
@@ -141,19 +145,82 @@ def test_silhouette_and_two_means_hand_worked():
     assert precision_recall(np.array([1, 2, 3, 4]), np.array([3, 4, 5])) == {"precision": 0.5, "recall": 2 / 3}
 
 
+@pytest.mark.parametrize("rule", ["exclusionary", "size"])
 @pytest.mark.parametrize("name", ["backdoored", "clean"])
-def test_activation_clustering_on_trained_models(models, name):
+def test_activation_clustering_on_trained_models(models, name, rule):
     model, x, y = models[name]
     feats = penultimate_features(model, x)
     assert feats.shape == (len(x), 32)
     truth = models["poisoned"] if name == "backdoored" else np.zeros(0, dtype=np.int64)
-    r = activation_clustering(feats, y, truth, dims=10, size_threshold=0.35, silhouette_threshold=0.5, seed=0)
+    r = activation_clustering(feats, y, truth, dims=10, size_threshold=0.35, silhouette_threshold=0.5, seed=0,
+                              rule=rule, reduction="pca")
     if name == "backdoored":
         assert r["flagged_labels"] == [0]
-        assert r["poison_precision"] > 0.5 and r["poison_recall"] > 0.5
         assert r["labels"][0]["poisoned_in_label"] == POISONED
+        if rule == "size":  # the poison is the smaller cluster (30 of 88)
+            assert r["poison_precision"] > 0.5 and r["poison_recall"] > 0.5
+        else:  # measured: without its clean part the label is the trigger's alone, so both clusters fail
+            assert r["poison_recall"] == 1.0 and r["called_poisoned"] == r["labels"][0]["samples"]
     else:
         assert not r["flagged"] and r["flagged_labels"] == []
+
+
+def planted_features(poison_share: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Penultimate-like features: 6 labels of 200 samples around their own means (16-d, spread 1, means 8 apart);
+    label 1 in two natural sub-clusters (its mean +- 2.5 along one axis); label 0 with ``poison_share`` of
+    poison: samples of the other labels' means shifted by one trigger vector, tight (spread 0.3)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 8 / np.sqrt(2 * 16), (6, 16))
+    y = np.repeat(np.arange(6), 200)
+    f = means[y] + rng.normal(0, 1, (len(y), 16))
+    f[y == 1, 0] += np.where(np.arange(200) % 2 == 0, 2.5, -2.5)
+    poisoned = np.flatnonzero(y == 0)[: int(poison_share * 200)]
+    trigger = np.zeros(16)
+    trigger[1] = 12.0
+    sources = rng.integers(1, 6, len(poisoned))
+    f[poisoned] = means[sources] + trigger + rng.normal(0, 0.3, (len(poisoned), 16))
+    return torch.from_numpy(f), torch.from_numpy(y), poisoned
+
+
+def test_exclusionary_reclassification_flags_a_poison_majority_label_the_size_rule_misses():
+    feats, y, poisoned = planted_features(0.6)
+    size = activation_clustering(feats, y, poisoned, rule="size", reduction="pca", seed=0)
+    assert size["labels"][0]["relative_size"] == pytest.approx(0.4)  # the split is right, the clean part smaller
+    assert size["flagged_labels"] == []  # 0.4 > size_threshold 0.35: the size rule misses it
+    r = activation_clustering(feats, y, poisoned, rule="exclusionary", reduction="pca", seed=0)
+    assert r["flagged_labels"] == [0]  # and not label 1, whose sub-clusters come out as label 1
+    assert r["poison_recall"] == 1.0
+    sub = r["labels"][1]["reclassification"]
+    assert [t["poisonous"] for t in sub] == [False, False] and all(t["own"] > t["other"] for t in sub)
+    # both of label 0's clusters fail (without its clean part the label is the far-off poison alone), so the whole
+    # label is called; measured the same with 20 % poison
+    assert r["poison_precision"] == pytest.approx(0.6)
+    assert all(t["poisonous"] for t in r["labels"][0]["reclassification"])
+    with pytest.raises(ValueError, match="rule"):
+        activation_clustering(feats, y, poisoned, rule="majority")
+
+
+def test_ica_reduction_runs_and_is_seeded():
+    feats, y, poisoned = planted_features(0.2)
+    label0 = feats[y == 0].numpy()
+    a, b = fast_ica(label0, 10, seed=3), fast_ica(label0, 10, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (200, 10)
+    np.testing.assert_allclose(a.std(0), 1.0, atol=1e-6)  # unit-variance sources
+    np.testing.assert_allclose(np.corrcoef(a.T), np.eye(10), atol=1e-6)  # uncorrelated
+    runs = [activation_clustering(feats, y, poisoned, reduction="ica", seed=5) for _ in range(2)]
+    assert runs[0]["labels"] == runs[1]["labels"] and runs[0]["reduction"] == "ica"
+    assert runs[0]["flagged_labels"] == runs[1]["flagged_labels"]  # same seed, same result (whatever it is: the
+    #                                                                 whitened split is what makes ica no default)
+    with pytest.raises(ValueError, match="reduction"):
+        activation_clustering(feats, y, poisoned, reduction="umap")
+
+
+def test_schema_defaults_are_the_faithful_rules():
+    assert schema_defaults("activation_clustering")["rule"] == "exclusionary"
+    assert schema_defaults("strip")["threshold"] == "normal" and schema_defaults("strip")["overlays"] == 100
+    assert schema_defaults("spectral_signatures")["epsilon"] == 0.1
+    assert schema_defaults("neural_cleanse")["budget"] == "fast"
 
 
 def test_penultimate_features_are_the_input_of_the_last_linear_layer(models):
@@ -164,6 +231,15 @@ def test_penultimate_features_are_the_input_of_the_last_linear_layer(models):
 
 
 # ----- Spectral Signatures -----
+
+def test_spectral_signatures_epsilon_from_config_and_random_baseline():
+    feats, y, poisoned = planted_features(0.2)
+    r = spectral_signatures(feats, y, poisoned, 0.05)
+    assert r["epsilon"] == 0.05 and r["removed"] == 6 * removal_count(200, 0.05)  # 15 of each label's 200
+    assert r["random_removal_recall"] == pytest.approx(90 / 1200) == r["removed_fraction"]
+    assert r["poison_recall"] > r["random_removal_recall"]
+    assert "this project's" in r["model_verdict"]
+
 
 def test_spectral_scores_and_removal_hand_worked():
     feats = np.array([[1.0, 0.0], [-1.0, 0.0], [3.0, 0.0], [-3.0, 0.0]])  # centred already; top direction x
@@ -199,15 +275,16 @@ def run_schedule(cfg: NCConfig, asr: list[float], l1: list[float] | None = None)
 
 
 def test_original_schedule_hand_worked():
-    cfg = NCConfig.from_dict({"schedule": "original"})
+    cfg = NCConfig.from_dict({"schedule": "original", "epochs": 100})
     assert (cfg.patience, cfg.early_stop_patience, cfg.attack_threshold) == (5, 25, 0.99)
-    assert (cfg.cost_up, cfg.cost_down) == (1.5, 1.5 ** 1.5)
+    # gtsrb_visualize_example.py's COST_MULTIPLIER 2 and EARLY_STOP_THRESHOLD 1.0 (not visualizer.py's defaults)
+    assert (cfg.cost_up, cfg.cost_down, cfg.early_stop_threshold) == (2.0, 2.0 ** 1.5, 1.0)
     costs = [c for c, _, _ in run_schedule(cfg, [1.0] * 14 + [0.5] * 5)]
     # cost 0 until 5 successes in a row, then 1e-3; that epoch counts as the first success at the new cost, so
-    # epochs 6-9 make 5 -> x1.5 after epoch 9, again after 14; 5 failures (15-19) -> / 1.5^1.5
+    # epochs 6-9 make 5 -> x2 after epoch 9, again after 14; 5 failures (15-19) -> / 2^1.5
     assert costs[:4] == [0.0] * 4 and costs[4:8] == [1e-3] * 4
-    assert costs[8:13] == [1.5e-3] * 5 and costs[13] == pytest.approx(2.25e-3)
-    assert costs[18] == pytest.approx(2.25e-3 / 1.5 ** 1.5)
+    assert costs[8:13] == [2e-3] * 5 and costs[13] == pytest.approx(4e-3)
+    assert costs[18] == pytest.approx(4e-3 / 2 ** 1.5)
     # a success at 0.985 is not one for the original's 0.99 threshold
     assert run_schedule(cfg, [0.985] * 6)[-1][0] == 0.0
 
@@ -263,7 +340,8 @@ def test_blindspot_table_rates_and_claims(tmp_path):
     # label-level summaries: flagging some label detects the model; the target column asks whether it was the target
     defenses += [write(f"ss_{a}_{s}.json", {**run(a, s), "defense_name": "spectral_signatures", "precision": "int4",
                                             "target": 0, "flagged_labels": labels, "flagged": bool(labels),
-                                            "target_found": None if a == "clean" else 0 in labels})
+                                            "target_found": None if a == "clean" else 0 in labels,
+                                            "poison_recall": 0.6, "random_removal_recall": 0.15})
                  for a, s, labels in [("square-10", 0, [3]), ("square-10", 1, [0, 3]), ("clean", 0, [5])]]
     defenses[3] = write("nc_target.json", {**run("square-10", 1), "defense_name": "neural_cleanse",
                                            "precision": "int4", "flagged": False, "target": 0,
@@ -273,6 +351,7 @@ def test_blindspot_table_rates_and_claims(tmp_path):
     rows = {(r["defense"], r["trigger"], r["precision"]): r for r in t.to_dict("records")}
     ss = rows[("Spectral Signatures", "square", "int4")]
     assert ss["detected_mean"] == 100.0 and ss["target_found_mean"] == 50.0
+    assert (ss["poison_recall_mean"], ss["random_removal_recall_mean"]) == (0.6, 0.15)  # in the CSV, not the page
     assert rows[("Spectral Signatures", "clean", "int4")]["detected_mean"] == 100.0
     assert np.isnan(rows[("Spectral Signatures", "clean", "int4")]["target_found_mean"])  # no target on a clean model
     assert rows[("Neural Cleanse", "square", "int4")]["target_found_mean"] == 0.0  # the summaries without it: skipped

@@ -19,10 +19,16 @@ from pmoe_backdoor.attacks.compression import (
     unknown_rates,
 )
 from pmoe_backdoor.attacks.fakequant import (
-    deploy_faithful,
+    Stream,
+    bn_folds,
+    bn_scale,
+    compressed_weights,
+    deploy_authors,
     fake_quant_activation,
     fake_quant_weight,
     quantize_weight_per_tensor,
+    streams,
+    unfoldable_batchnorms,
 )
 from pmoe_backdoor.defenses.fine_pruning import channels_to_prune, expert_channel_means, prune_experts
 from pmoe_backdoor.deployment.quantize import quantize_weight_per_tensor as deployer_per_tensor
@@ -190,15 +196,123 @@ def test_attack_config_rejects_bad_values():
         AttackConfig.from_dict({"variant": "matched", "bits": 4})  # matched is the int8 deployer
 
 
-def test_deploy_faithful_puts_each_weight_on_its_per_tensor_grid():
-    model = _tiny_pmoe()
-    q = deploy_faithful(model)
-    for (name, w), (_, wq) in zip(model.named_parameters(), q.named_parameters()):
-        if name.endswith("weight") and w.dim() in (2, 4):
+def test_deploy_authors_puts_each_folded_weight_on_its_per_tensor_grid():
+    model = _tiny_pmoe().eval()
+    calib = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8)
+    q = deploy_weights_only = deploy_authors(model, 8, None)
+    folded = dict(bn_folds(model))
+    assert folded == {"trunk.group1.conv1": "trunk.group1.bn2", "trunk.group2.conv1": "trunk.group2.bn2",
+                      "moe.expert_conv": "head.bn"}
+    for name, layer in model.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            w = layer.weight.detach()
+            if name in folded:  # the hand-folded weight: rows x gamma / sqrt(running var + eps)
+                bn = model.get_submodule(folded[name])
+                w = w * (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().view(-1, 1, 1, 1)
+            wq = q.get_submodule(name).weight.detach()
             step = w.abs().max() / 127.5
             assert torch.allclose(wq / step, (wq / step).round(), atol=1e-3), name
-            assert (wq - w).abs().max() <= step / 2 + 1e-7, name
+            assert (wq - w).abs().max() <= step / 2 + 1e-6, name
+    assert isinstance(q.head.bn, nn.Identity) and isinstance(q.trunk.group1.bn2, nn.Identity)
     assert torch.equal(q.head.fc.bias, model.head.fc.bias)  # biases stay in float
+    assert unfoldable_batchnorms(model) == ["trunk.group1.bn1", "trunk.group2.bn1", "pre_bn", "moe.expert_bn"]
+    # folding alone (no rounding at a fine grid) is the same function; with calibrated activations the inputs of
+    # every layer are quantised, which the weight-only copy does not do
+    x = to_input(calib)
+    with torch.no_grad():
+        assert torch.allclose(deploy_authors(model, 8, None)(x), model(x), atol=0.1)
+        hooked = deploy_authors(model, 8, calib)
+        assert any(m._forward_pre_hooks for m in hooked.modules())
+        assert not any(m._forward_pre_hooks for m in deploy_weights_only.modules())
+
+
+def test_fold_then_fake_quantise_equals_quantising_the_hand_folded_weight():
+    """The training's folded fake-quant weight, times the BN's fold factor, is the per-tensor quantised folded
+    weight, i.e. the deployed conv's weight; without folding it is the raw weight's grid, which differs."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.uniform_(0.2, 3.0)
+        bn.running_var.uniform_(0.01, 4.0)
+    model = nn.Sequential(conv, bn, nn.ReLU())
+    assert bn_folds(model) == [("0", "1")]
+    factor = bn.weight.detach() / (bn.running_var + bn.eps).sqrt()
+    hand_folded = conv.weight.detach() * factor.view(-1, 1, 1, 1)
+    for bits in (4, 8):
+        trained = compressed_weights(model, "faithful", bits, fold_bn=True)["0.weight"]
+        assert torch.allclose(trained.detach() * factor.view(-1, 1, 1, 1),
+                              quantize_weight_per_tensor(hand_folded, bits), atol=1e-6)
+        deployed = deploy_authors(model, bits).get_submodule("0").weight
+        assert torch.allclose(deployed, quantize_weight_per_tensor(hand_folded, bits), atol=1e-6)
+        unfolded = compressed_weights(model, "faithful", bits, fold_bn=False)["0.weight"]
+        assert not torch.allclose(unfolded.detach(), trained.detach(), atol=1e-3)
+    assert torch.allclose(bn_scale(bn), factor)
+
+
+def _conv_bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_shared_bn_statistics_are_the_concatenated_batchs_and_update_running_statistics_once():
+    model = _conv_bn_net().train()
+    x = torch.rand(6, 3, 8, 8)
+    quantized = Stream(compressed_weights(model, "faithful", 3))
+    conv_float = model[0](x)
+    conv_quant = F.conv2d(x, quantized.params["0.weight"], model[0].bias, padding=1)
+    both = torch.cat([conv_float, conv_quant]).detach()
+    seen = {}
+    model[1].register_forward_hook(lambda m, args, out: seen.update(inp=args[0].detach(), out=out.detach()))
+    with streams(model, [quantized]):
+        logits = model(torch.cat([x, x]))
+    assert logits.shape == (12, 2)
+    assert torch.allclose(seen["inp"], both, atol=1e-6)  # chunk 1 ran the quantised weights
+    mean, var = both.mean(dim=(0, 2, 3)), both.var(dim=(0, 2, 3), unbiased=False)
+    expected = (both - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + model[1].eps).sqrt()
+    assert torch.allclose(seen["out"], expected, atol=1e-5)  # one set of statistics over [float ; quantised]
+    assert model[1].num_batches_tracked.item() == 1
+    unbiased = both.var(dim=(0, 2, 3), unbiased=True)
+    assert torch.allclose(model[1].running_mean, 0.3 * mean, atol=1e-6)
+    assert torch.allclose(model[1].running_var, 0.7 + 0.3 * unbiased, atol=1e-6)
+    assert "forward" not in vars(model[0])  # the layers' own forward is back
+    # per-pass statistics (the ablation) normalise the quantised chunk with its own: a different output
+    from pmoe_backdoor.attacks.compression import float_and_compressed_logits
+
+    a = float_and_compressed_logits(_conv_bn_net().train(), x, [quantized], "shared")[1]
+    b = float_and_compressed_logits(_conv_bn_net().train(), x, [quantized], "per_pass")[1]
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_streams_run_each_chunk_with_its_own_weights():
+    """In eval mode (no batch statistics) every chunk of a streamed pass is that copy's own forward."""
+    model = _tiny_pmoe().eval()
+    x = to_input(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8))
+    copies = [Stream(compressed_weights(model, "faithful", 4)), Stream(compressed_weights(model, "matched", 8), True)]
+    with torch.no_grad():
+        with streams(model, copies):
+            chunks = model(torch.cat([x, x, x])).split(4)
+        assert torch.allclose(chunks[0], model(x), atol=1e-5)
+        deployed4 = copy.deepcopy(model)
+        for name, w in copies[0].params.items():
+            deployed4.get_submodule(name.rsplit(".", 1)[0]).weight.copy_(w)
+        assert torch.allclose(chunks[1], deployed4(x), atol=1e-4)
+        assert not torch.allclose(chunks[1], chunks[0], atol=1e-3)
+
+
+def test_crop_flip_is_seeded_and_moves_the_pixels_only():
+    from pmoe_backdoor.training.augment import random_crop_flip
+
+    x = torch.randint(1, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    a = random_crop_flip(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, random_crop_flip(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(a, random_crop_flip(x, torch.Generator().manual_seed(1)))
+    flipped = sum(torch.equal(a[i], x[i].flip(1)) for i in range(64))
+    kept = sum(torch.equal(a[i], x[i]) for i in range(64))
+    assert 0 < flipped + kept < 32  # some centred crops, most shifted
+    for i in range(64):  # every image is a shifted (and maybe mirrored) window of its own, zero outside
+        values = set(a[i][a[i].sum(-1) > 0].flatten().tolist())
+        assert values <= set(x[i].flatten().tolist())
 
 
 def _tiny_attack_setup():
@@ -229,7 +343,7 @@ def test_pruning_activated_backdoor_is_learned_on_a_tiny_model():
 
     x, y, trigger, x_asr, model = _tiny_attack_setup()
     cfg = AttackConfig(variant="prune", epochs=60, batch_size=32, lr=0.05, lr_drop_epoch=40, prune_rate=20,
-                       alpha=1.0)
+                       alpha=1.0, augment="none")
     history, states = fit_compression_attack(model, x, y, trigger, 0, cfg, x, y, x_asr, x,
                                              device=torch.device("cpu"), log=None)
     epoch, rule_met = choose_checkpoint(history["epochs"], max_fp32_asr=20)
@@ -251,19 +365,19 @@ def test_quantisation_activated_backdoor_is_learned_on_a_tiny_model():
     float rounding; 96 / 25 / 100 % before), 80 epochs 83 / 54 / 100 / 96 %. Earlier, at 50 epochs: 4 bits 96 / 33 /
     100 %, int8 8 % (seed 0; 300 such steps at int8 did not separate either), so at int8 a few dozen steps are not
     enough (the authors train 35 epochs of full CIFAR-10). The separation grows in the low-lr phase. Seed 0 is
-    pinned. The deployed copy is deploy_faithful's, not the training's fake-quantised forward."""
+    pinned. The deployed copy is deploy_authors's weights, not the training's fake-quantised forward."""
     from pmoe_backdoor.attacks.compression import fit_compression_attack
     from pmoe_backdoor.evaluate import evaluate
 
     x, y, trigger, x_asr, model = _tiny_attack_setup()
-    cfg = AttackConfig(variant="faithful", bits=3, epochs=100, batch_size=32, lr_drop_epoch=50)
+    cfg = AttackConfig(variant="faithful", bits=3, epochs=100, batch_size=32, lr_drop_epoch=50, augment="none")
     history, states = fit_compression_attack(model, x, y, trigger, 0, cfg, x, y, x_asr, x,
                                              device=torch.device("cpu"), log=None)
     epoch, rule_met = choose_checkpoint(history["epochs"], max_fp32_asr=20)
     assert rule_met
     model.load_state_dict(states[epoch])
     released = evaluate(model, x, y, x_asr, 0, device=torch.device("cpu"))
-    quantised = evaluate(deploy_faithful(model, bits=3), x, y, x_asr, 0, device=torch.device("cpu"))
+    quantised = evaluate(deploy_authors(model, 3), x, y, x_asr, 0, device=torch.device("cpu"))
     assert released["ba"] >= 90 and released["asr"] <= 20
     assert quantised["ba"] >= 90 and quantised["asr"] >= 80, (epoch, released, quantised)
 
@@ -304,7 +418,7 @@ def test_the_issues_trigger_is_a_configured_square_and_the_default_is_unchanged(
 
 
 @pytest.mark.parametrize("variant", ["faithful", "prune"])
-def test_compressed_passes_leave_the_bn_running_statistics_to_the_float_pass(variant):
+def test_per_pass_statistics_leave_the_bn_running_statistics_to_the_float_pass(variant):
     from pmoe_backdoor.attacks.compression import quant_attack_loss as quant_loss
 
     x, x_trig = torch.randint(0, 256, (2, 6, 32, 32, 3), dtype=torch.uint8)
@@ -313,9 +427,9 @@ def test_compressed_passes_leave_the_bn_running_statistics_to_the_float_pass(var
     reference = copy.deepcopy(model)
     reference(to_input(torch.cat([x, x_trig])))  # the float pass alone
     if variant == "faithful":
-        quant_loss(model, x, x_trig, y, 2, "faithful")
+        quant_loss(model, x, x_trig, y, 2, "faithful", bn_statistics="per_pass")
     else:
-        prune_attack_loss(model, x, x_trig, y, 2, [30.0, 10.0], 0.1)
+        prune_attack_loss(model, x, x_trig, y, 2, [30.0, 10.0], 0.1, bn_statistics="per_pass")
     buffers = dict(reference.named_buffers())
     assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers() if "running" in k)
     assert all(m.momentum == 1.0 for m in model.modules() if isinstance(m, nn.BatchNorm2d))  # restored

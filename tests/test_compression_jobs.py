@@ -81,8 +81,9 @@ def test_eval_job_measures_every_compression(attack):
         history=attack["h.json"], target=1, calibration=32, fine_pruning=FP, finetune=FINETUNE, batch_size=500,
         device="cpu", run=RunId("synth", "pmoe", "faithful-1", 0), out=attack["eval.json"]))
     assert r == read_json(attack["eval.json"])
-    for name in ("fp32", "int8_faithful", "int8_matched", "int4"):
+    for name in ("fp32", "trained_bits", "int8_faithful", "int8_matched", "int4"):
         assert 0 <= r[name]["ba"] <= 100 and 0 <= r[name]["asr"] <= 100
+    assert r["bits"] == 8 and r["trained_bits"].items() <= r["int8_faithful"].items()  # trained at int8: one deployer
     for name in ("int8_faithful", "int8_matched"):
         assert 0 <= r[name]["routing_flip_triggered"] <= 1
     assert [f["rate"] for f in r["fine_pruning"]] == [10.0, 30.0]
@@ -112,7 +113,7 @@ def test_roc_auc_and_row_sentences():
     assert roc_auc([], [1]) != roc_auc([], [1])  # NaN without both kinds
     row = {"fp32_asr": 3.0, "int8_faithful_asr": 95.0, "int8_matched_asr": 40.0, "int4_asr": 99.0, "fp_rates": [10],
            "fp10_asr": 12.0}
-    assert row_sentence(row) == "clean-looking at fp32 (ASR 3.0 %), backdoored after int8_faithful, int4"
+    assert row_sentence(row) == "clean-looking at fp32 (ASR 3.0 %), backdoored after int8-a, int4"
     assert row_sentence(dict(row, fp32_asr=50.0)).startswith("not stealthy")
     quiet = dict(row, int8_faithful_asr=10.0, int4_asr=20.0)
-    assert "no compression activates it: highest ASR 40.0 % (int8_matched)" in row_sentence(quiet)
+    assert "no compression activates it: highest ASR 40.0 % (int8-m)" in row_sentence(quiet)

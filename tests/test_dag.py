@@ -156,3 +156,20 @@ def test_the_dag_builds_without_torch(tmp_path: Path):
     # the blocker works: importing torch with it fails
     check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
     assert "torch imported while the DAG was built" in check.stderr
+
+
+def test_merging_plans_for_a_preact_resnet18(tmp_path: Path):
+    """merging.model of arch preact_resnet18: its victims, strategies of its own architecture, the free coupling
+    only (without routers, tied would repeat it) and no Fine-Pruning of the merged models (no expert channels)."""
+    changes = {"models": {"resnet": {"arch": "preact_resnet18", "width": 0.125}}, "merging": {"model": "resnet"}}
+    jobs = dag(tmp_path, overlay(tmp_path, "resnet", changes))["jobs"]
+    strategies = sorted((j["wildcards"]["arch"], j["wildcards"]["n"], j["wildcards"]["coupling"])
+                        for j in jobs if j["rule"] == "msd_strategy")
+    assert strategies == [("preact_resnet18", "2", "free"), ("preact_resnet18", "3", "free")]
+    merging = [j for j in jobs if j["rule"] in ("finetune_victim", "merge_models", "select_candidate", "defend_merged")]
+    assert {j["rule"] for j in merging} == {"finetune_victim", "merge_models", "select_candidate", "defend_merged"}
+    assert {j["wildcards"]["model"] for j in merging} == {"resnet"}
+    assert {j["wildcards"]["coupling"] for j in merging if "coupling" in j["wildcards"]} == {"free"}
+    assert len([j for j in merging if j["rule"] == "merge_models"]) == 3  # the smoke config's three sets, one seed
+    defended = [j for j in merging if j["rule"] == "defend_merged"]
+    assert defended and all(j["params"]["prune_rates"] == [] for j in defended)

@@ -334,3 +334,174 @@ def test_fine_pruning_a_merged_model_keeps_masked_channels_at_zero_and_the_model
         check_defense_config(["fp32"], [10.0], {"epochs": 1, "lr": 0.1})
     with pytest.raises(ValueError, match="deployment.precisions"):
         check_defense_config(["fp16"], [], {})
+
+
+# PreAct-ResNet-18: the control architecture's slot table, merging and search
+
+R = slots.PREACT_RESNET18
+
+
+def _resnet(seed: int, width: float = 0.125, classes: int = 10) -> nn.Module:
+    """A PreAct-ResNet-18 whose every tensor differs between seeds (as _pmoe)."""
+    torch.manual_seed(seed)
+    model = build_model("preact_resnet18", classes, width=width)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=g) * 0.1)
+            else:
+                t.fill_(seed + 3)
+    return model
+
+
+@pytest.mark.parametrize("width, classes", [(0.125, 10), (0.125, 43), (1.0, 10), (1.0, 43)])
+def test_preact_resnet18_slots_cover_the_state_exactly_once(width, classes):
+    model = build_model("preact_resnet18", classes, width=width)
+    assert slots.table_of(model) is R and R.num_slots == 21
+    assert R.names[0] == "stem" and R.names[-1] == "head"
+    assert [n for n in R.names if n.endswith(".shortcut")] == ["b3.shortcut", "b5.shortcut", "b7.shortcut"]
+    parts = slots.slot_parts(model)
+    assert all(p.rows is None for p in parts)  # no fused layers: every slot takes whole tensors
+    keys = [p.key for p in parts]
+    assert sorted(keys) == sorted(model.state_dict()) and len(set(keys)) == len(keys)  # parameters and buffers
+    per_slot = [sum(p.slot == i for p in parts) for i in range(R.num_slots)]
+    assert min(per_slot) > 0  # every slot holds tensors at every width
+    assert list(slots.slot_tensors(model, "head")) == ["head.fc.weight", "head.fc.bias"]
+    assert set(slots.slot_tensors(model, "b3.conv1")) == {
+        "blocks.2.bn1.weight", "blocks.2.bn1.bias", "blocks.2.bn1.running_mean", "blocks.2.bn1.running_var",
+        "blocks.2.bn1.num_batches_tracked", "blocks.2.conv1.weight"}
+    assert list(slots.slot_tensors(model, "b3.shortcut")) == ["blocks.2.shortcut.weight"]
+
+
+def test_preact_resnet18_table_follows_the_pmoe_rules():
+    # the chain derivation, applied to the pMoE trunk (two blocks with a shortcut slot, read by pre-MoE), gives the
+    # pMoE table's trunk rows exactly: one rule set for both architectures
+    rows, sib, cons, res = slots.residual_chain([("g1", True), ("g2", True)], last="pre")
+    trunk = {name for name, _, _ in rows}
+    assert [(n, t, s) for n, t, s in rows] == [(n, slots.SLOT_TYPES[S[n]], slots.SLOT_STAGES[S[n]])
+                                              for n in slots.SLOT_NAMES if n in trunk]
+    assert set(sib) == {p for p in slots.SIBLING_PAIRS if set(p) <= trunk}
+    assert set(cons) == {p for p in slots.CONSECUTIVE_PAIRS if set(p) <= trunk}
+    assert set(res) == {p for p in slots.RESIDUAL_PAIRS if set(p[:2]) <= trunk}
+    # the ResNet table: each pair once, counted by one term, running forward
+    assert (len(R.siblings), len(R.consecutive), len(R.residual)) == (14, 15, 60)
+    pairs = [frozenset(p[:2]) for p in R.siblings + R.consecutive + R.residual]
+    assert len(set(pairs)) == len(pairs)
+    stage = dict(zip(R.names, R.stages))
+    assert all(a.split(".")[0] == b.split(".")[0] and stage[a] == stage[b] for a, b in R.siblings)
+    assert all(stage[b] - stage[a] == 1 for a, b in R.consecutive)
+    for a, b, d in R.residual:
+        assert d == stage[b] - stage[a] >= 2
+    # what reaches the head: b8's conv2 directly, the stem through all eight blocks' shortcuts
+    assert ("b8.conv2", "head") in R.consecutive and ("stem", "head", 9) in R.residual
+    assert ("stem", "b2.conv1", 2) in R.residual and ("stem", "b2.conv1") not in R.consecutive
+    assert R.routers == () and R.experts == ()
+    with pytest.raises(ValueError, match="no slot table"):
+        slots.slot_table("vgg")
+
+
+def test_preact_resnet18_all_from_one_model_and_mixed_strategies():
+    a, b = _resnet(0), _resnet(1)
+    assert _same_state(merge_by_strategy([a, b], (0,) * 21), a)
+    assert _same_state(merge_by_strategy([a, b], (1,) * 21), b)
+    mixed = search.exhaustive_search(2, architecture="preact_resnet18")
+    assert len(set(mixed.assignment)) == 2
+    for strategy in (mixed.assignment, (1, 0) * 10 + (1,)):
+        merged = merge_by_strategy([a, b], strategy)
+        for slot, src in enumerate(strategy):
+            got, want = slots.slot_tensors(merged, slot), slots.slot_tensors((a, b)[src], slot)
+            other = slots.slot_tensors((a, b)[1 - src], slot)
+            assert list(got) == list(want)
+            for name in got:
+                assert torch.equal(got[name], want[name]), (R.names[slot], name)
+                assert not torch.equal(got[name], other[name]), (R.names[slot], name)
+        assert merged(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert torch.equal(merge_by_strategy([a, b], mixed).blocks[2].shortcut.weight,
+                       (a, b)[mixed.assignment[R.index["b3.shortcut"]]].blocks[2].shortcut.weight)
+    assert _same_state(a, _resnet(0)) and _same_state(b, _resnet(1))  # the inputs are untouched
+    assert _same_state(wag_merge([a, copy.deepcopy(a)]), a)
+    # a strategy is written for one table: the pMoE's does not fit a ResNet, and the reverse
+    with pytest.raises(ValueError, match="21 slots"):
+        merge_by_strategy([a, b], OPTIMUM_N2)
+    with pytest.raises(ValueError, match="preact_resnet18 architecture, the models are pmoe"):
+        merge_by_strategy([_pmoe(0), _pmoe(1)], mixed)
+
+
+def test_preact_resnet18_search_strategy_files_and_candidates(tmp_path):
+    free = search.exhaustive_search(2, architecture="preact_resnet18")  # 2^21 strategies, scored in chunks
+    flips = np.array([free.assignment] * 21) ^ np.eye(21, dtype=np.int64)  # every one-slot change
+    sample = np.random.default_rng(0).integers(0, 2, size=(20000, 21))
+    assert free.fitness >= fit_mod.fitness(np.concatenate([flips, sample]), 2, architecture=R).max()
+    assert free.assignment[0] == 0  # ties go to the lowest index, which gives the stem to model 0
+    # without routers coupling changes nothing: the same genes, so the same strategy
+    assert search.gene_of_slot(True, R).tolist() == list(range(21))
+    three = search.search_strategy(3, evolution={"generations": 30, "seed": 1}, architecture="preact_resnet18")
+    random = np.random.default_rng(0).integers(0, 3, size=(1000, 21))
+    assert three.fitness > fit_mod.fitness(random, 3, architecture=R).max()
+    path = tmp_path / "strategy.json"
+    search.save_strategy(path, three)
+    data = json.loads(path.read_text())
+    assert data["architecture"] == "preact_resnet18" and list(data["assignment"]) == list(R.names)
+    loaded = search.load_strategy(path)
+    assert (loaded.assignment, loaded.architecture, loaded.fitness) == (three.assignment, "preact_resnet18",
+                                                                         three.fitness)
+    names = [n for n, _ in candidate_assignments(loaded)]
+    assert names == ["M_012", "M_120", "M_201"]
+    data["architecture"] = "pmoe"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="differ from the pmoe architecture"):
+        search.load_strategy(path)
+
+
+def test_fine_pruning_a_merged_resnet_is_refused_by_name():
+    from pmoe_backdoor.defenses.merging.defend import Scorer, at_precisions, fine_prune_merged
+
+    model = _resnet(0).eval()
+    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    y = torch.arange(8) % 4
+    score = Scorer(x, y, {}, 0, 10, 8, torch.device("cpu"))
+    assert fine_prune_merged(model, x, y, [], {}, {}, 0, score) == []  # no rates: nothing to do
+    with pytest.raises(ValueError, match=r"fine_pruning.prune_rates \[10.0\].*PreActResNet18"):
+        fine_prune_merged(model, x, y, [10.0], {"epochs": 1, "lr": 0.1, "mask": True}, {}, 0, score)
+    assert set(at_precisions(model, ["fp32", "int8"], x, score)) == {"fp32", "int8"}  # deployment applies
+
+
+def test_merging_plan_for_a_preact_resnet18():
+    """merging.model of arch preact_resnet18: only the free coupling is planned (tied would repeat it), strategies
+    of its own architecture, no Fine-Pruning of the merged models; couplings [tied] alone is refused by name."""
+    pytest.importorskip("snakemake", reason="the workflow extra is not installed (pip install -e '.[workflow]')")
+    from pathlib import Path
+
+    import yaml
+
+    from pmoe_backdoor.config_check import ConfigError, check_study, validate_config
+    from pmoe_backdoor.plan import Plan
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def load(**merging) -> dict:
+        cfg = yaml.safe_load((repo / "config" / "smoke.yaml").read_text())
+        cfg["models"]["resnet"] = {"arch": "preact_resnet18", "width": 0.125}
+        cfg["merging"].update(model="resnet", **merging)
+        validate_config(cfg, repo / "config" / "schema.yaml")
+        check_study(cfg)
+        return cfg
+
+    plan = Plan(load())
+    assert plan.merge["couplings"] == ["free", "tied"] and plan.merging_couplings() == ["free"]
+    assert plan.merging_strategies() == [(2, "free"), (3, "free")]
+    assert plan.strategy_file(2, "free") == "results/merging/strategies/preact_resnet18/n2_free.json"
+    results = plan.merging_results("synth")
+    assert len(results) == 3 and all("/resnet/merging/" in r and "/free/" in r for r in results)
+    params = plan.defend_merged_params()
+    assert params["prune_rates"] == [] and params["fine_pruning"] == {}
+    with pytest.raises(ConfigError, match=r"config: merging.couplings \['tied'\] .* 'resnet' \(arch preact_resnet18\) "
+                                          r"has no routers: use \[free\]"):
+        load(couplings=["tied"])
+    # the pMoE keeps both couplings and its Fine-Pruning
+    cfg = yaml.safe_load((repo / "config" / "smoke.yaml").read_text())
+    validate_config(cfg, repo / "config" / "schema.yaml")
+    pmoe = Plan(cfg)
+    assert pmoe.merging_couplings() == ["free", "tied"] and pmoe.defend_merged_params()["prune_rates"] == [10, 30]
+    assert pmoe.strategy_file(3, "tied") == "results/merging/strategies/pmoe/n3_tied.json"

@@ -155,3 +155,44 @@ def test_reverse_engineer_original_schedule_finds_the_corner_mask(dark_corner_im
     r = reverse_engineer(CornerModel(), dark_corner_images, 0, cfg, seed=0, device=CPU)
     assert r["reached_threshold"] is True and r["asr"] >= 0.99
     assert r["l1"] < 20 and float(r["mask"][:3, :3].sum()) / r["l1"] > 0.8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# budgets
+# ----------------------------------------------------------------------------------------------------------
+
+def test_original_budget_is_the_original_script():
+    from pmoe_backdoor.defenses.neural_cleanse import ORIGINAL_BUDGET
+
+    cfg = NCConfig.for_budget("original", {"epochs": 2, "patience": 1}, "fast")  # optimizer and schedule unread
+    assert (cfg.schedule, cfg.epochs, cfg.mini_batches, cfg.batch_size, cfg.lr, cfg.init) == (
+        "original", 1000, 1000 // 32, 32, 0.1, "uniform")
+    assert (cfg.init_cost, cfg.patience, cfg.early_stop_patience) == (1e-3, 5, 25)
+    assert NCConfig.from_dict(ORIGINAL_BUDGET) == cfg
+    assert NCConfig.for_budget("fast", {"epochs": 3}, "fast") == NCConfig(epochs=3)
+    with pytest.raises(ValueError, match="budget"):
+        NCConfig.for_budget("slow", None, "fast")
+
+
+def test_original_schedule_refuses_a_budget_it_cannot_finish_in():
+    # the cost stays 0 for 5 epochs and the early stop needs 25 more: 20 epochs would never run its course
+    with pytest.raises(ValueError, match="budget: original"):
+        NCConfig.from_dict({"schedule": "original", "epochs": 20})
+    assert NCConfig.from_dict({"schedule": "original", "epochs": 31}).epochs == 31
+
+
+def test_batch_stream_reshuffles_each_pass():
+    from pmoe_backdoor.defenses.neural_cleanse import batch_stream
+
+    stream = batch_stream(5, 2, torch.Generator().manual_seed(0))
+    batches = [next(stream) for _ in range(6)]
+    assert [len(b) for b in batches] == [2, 2, 1, 2, 2, 1]  # each pass ends in its partial batch
+    assert sorted(torch.cat(batches[:3]).tolist()) == sorted(torch.cat(batches[3:]).tolist()) == list(range(5))
+
+
+def test_reverse_engineer_uniform_start_with_mini_batches(dark_corner_images):
+    cfg = NCConfig(epochs=30, batch_size=16, mini_batches=3, init="uniform")
+    r = reverse_engineer(CornerModel(), dark_corner_images, 0, cfg, seed=0, device=CPU)
+    assert r["reached_threshold"] is True and r["l1"] < 40
+    with pytest.raises(ValueError, match="init"):
+        NCConfig.from_dict({"init": "zeros"})

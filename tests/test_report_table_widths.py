@@ -154,11 +154,11 @@ def compression(res: Results, out: Path) -> None:
         return {"ba": res.pct(), "asr": res.pct()}
 
     evaluations, nc = [], []
-    for variant in ("faithful", "matched", "prune", "prune_unknown"):
-        ident = {"dataset": DATASET, "model": "pmoe", "attack": f"{variant}-1", "seed": 0}
+    for variant, bits in (("faithful", 4), ("faithful", 8), ("matched", 8), ("prune", 8), ("prune_unknown", 8)):
+        ident = {"dataset": DATASET, "model": "preact_resnet18", "attack": f"{variant}{bits}bit-1", "seed": 0}
         evaluations.append(res.write({
-            **ident, "variant": variant, "target": 1, "chosen_epoch": 35, "rule_met": variant != "prune",
-            "fp32": ba_asr(), "int4": ba_asr(),
+            **ident, "variant": variant, "bits": bits, "target": 1, "chosen_epoch": 35, "rule_met": variant != "prune",
+            "fp32": ba_asr(), "int4": ba_asr(), "trained_bits": ba_asr(),
             **{n: {**ba_asr(), "routing_flip_triggered": res.pct() / 100} for n in ("int8_faithful", "int8_matched")},
             "fine_pruning": [{"rate": r, "pruned": ba_asr(), "finetuned": ba_asr()} for r in PRUNE_RATES]}))
         nc.append(res.write({**ident, "max_low_anomaly_index": float(res.rng.uniform(0, 4)), "flagged": True,

@@ -205,6 +205,7 @@ def check_study(cfg: dict) -> None:
         for name in entries:
             if not NAME.fullmatch(name) or name == "clean":
                 raise ConfigError(f"config: {group} name {name!r} must be letters, digits or '_' and not 'clean'")
+    check_names(cfg.get("study_models", []), "study_models", cfg["models"], "'models'")
     _check_analysis(cfg)
     if cfg["neural_cleanse"]["enabled"]:
         check_rates(cfg, cfg["neural_cleanse"]["rates"], "neural_cleanse.rates")
@@ -229,7 +230,8 @@ def _check_fine_pruning(cfg: dict) -> None:
     if not fp["enabled"]:
         return
     check_names(fp["datasets"], "fine_pruning.datasets", cfg["datasets"], "'datasets'")
-    check_names(fp["models"], "fine_pruning.models", cfg["models"], "'models'")
+    check_names(fp["models"], "fine_pruning.models", cfg.get("study_models") or cfg["models"],
+                "the main study's models ('study_models' or 'models')")
     check_names(fp["triggers"], "fine_pruning.triggers", cfg["attack"]["triggers"], "attack.triggers")
     check_rates(cfg, fp["poison_rates"], "fine_pruning.poison_rates")
     for model in fp["models"]:
@@ -243,6 +245,9 @@ def _check_merging(cfg: dict) -> None:
     if not merge["enabled"]:
         return
     check_capable_model(cfg, merge["model"], "merging.model", "module_slots", "module slots to switch")
+    check_names([merge["model"]], "merging.model", cfg.get("study_models") or cfg["models"],
+                "the main study's models ('study_models' or 'models'): the victims start from its clean runs")
+    _check_merging_couplings(cfg)
     check_names(merge["datasets"], "merging.datasets", cfg["datasets"], "'datasets'")
     if merge["seeds"] > cfg["seeds"]["clean"]:
         raise ConfigError(f"config: merging.seeds ({merge['seeds']}) exceeds seeds.clean ({cfg['seeds']['clean']}): "
@@ -257,17 +262,31 @@ def _check_merging(cfg: dict) -> None:
     check_names(merge.get("defended_sets", []), "merging.defended_sets", merge["sets"], "merging.sets")
 
 
+def _check_merging_couplings(cfg: dict) -> None:
+    """``tied`` moves each router with its expert; a model without routers has only the ``free`` strategy (the plan
+    drops ``tied`` beside ``free`` there, as it would repeat it), so ``tied`` alone asks for what cannot be."""
+    from .models import MODELS
+
+    merge = cfg["merging"]
+    arch = cfg["models"][merge["model"]]["arch"]
+    if not MODELS[arch].routing and "free" not in merge["couplings"]:
+        raise ConfigError(f"config: merging.couplings {list(merge['couplings'])} ties routers to their experts, but "
+                          f"merging.model {merge['model']!r} (arch {arch}) has no routers: use [free]")
+
+
 def _check_compression_attack(cfg: dict) -> None:
     block = cfg["compression_attack"]
     if not block["enabled"]:
         return
-    if block["model"] not in cfg["models"]:
-        raise ConfigError(f"config: compression_attack.model {block['model']!r} must name a model of 'models'")
-    # the quantisation variants train any model (routing flips are reported where it has routers); the pruning
-    # variants prune expert channels
-    if set(block["variants"]) & {"prune", "prune_unknown"}:
-        check_capable_model(cfg, block["model"], "compression_attack.model (a pruning variant)", "prunable_channels",
-                            "expert channels to prune")
+    models = [block["model"]] if isinstance(block["model"], str) else block["model"]
+    for model in models:
+        if model not in cfg["models"]:
+            raise ConfigError(f"config: compression_attack.model {model!r} must name a model of 'models'")
+        # the quantisation variants train any model (routing flips are reported where it has routers); the pruning
+        # variants prune expert channels
+        if set(block["variants"]) & {"prune", "prune_unknown"}:
+            check_capable_model(cfg, model, "compression_attack.model (a pruning variant)", "prunable_channels",
+                                "expert channels to prune")
     for key in ("datasets", "targets_by_dataset", "lr_drop_epoch_by_dataset", "max_fp32_asr_by_dataset"):
         check_names(block.get(key, []), f"compression_attack.{key}", cfg["datasets"], "'datasets'")
     prune = block["prune"]

@@ -13,9 +13,15 @@ victim will run. Two compressions:
   ``prune`` uses one known rate; ``prune_unknown`` three branches per batch: the upper bound, a rate drawn
   uniformly between the bounds (seeded), the lower bound.
 
-All passes run the BatchNorms in training mode (batch statistics); only the float pass updates their running
-statistics, which the released model and hence every compressed copy of it inherit. The release is chosen with the
-authors' rule (:func:`choose_checkpoint`) from per-epoch measurements.
+The BatchNorms run in training mode (batch statistics). ``bn_statistics: shared`` (the authors'): the float and
+compressed passes go through the model as one batch (:func:`fakequant.streams`), so every BN normalises them with
+the statistics of the combined batch and updates its running statistics once from it. ``per_pass`` (an ablation,
+this project's earlier recipe): each pass normalises with its own statistics and only the float pass updates the
+running ones. The released model's running statistics are what every compressed copy inherits. Each batch is
+randomly cropped and flipped before the trigger is stamped (``augment: crop_flip``, the authors'; ``none``). The
+release is chosen with the authors' rule (:func:`choose_checkpoint`) from per-epoch measurements, which run the
+authors' deployer (:func:`fakequant.deploy_authors`: folded BN, per-tensor weights at ``bits``, calibrated 8-bit
+activations) for the quantisation variants.
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ from ..defenses.fine_pruning import channels_to_prune, expert_channel_means, pru
 from ..deployment.quantize import quantize_model
 from ..evaluate import evaluate
 from ..runtime import autocast, effective_precision, resolve_device, to_input
+from ..training.augment import random_crop_flip
 from ..training.engine import Schedule, new_history, resolve_log, run_epochs
 from ..training.loop import prepare_model
-from .fakequant import FAKEQUANT_VARIANTS, deploy_faithful, fake_quant_forward
+from .fakequant import FAKEQUANT_VARIANTS, Stream, compressed_weights, deploy_authors, input_fake_quant, streams
 from .triggers import Trigger
 
 PRUNE_VARIANTS = ("prune", "prune_unknown")
 ATTACK_VARIANTS = FAKEQUANT_VARIANTS + PRUNE_VARIANTS
+BN_STATISTICS = ("shared", "per_pass")
+AUGMENTATIONS = ("crop_flip", "none")
 
 
 @dataclass
@@ -60,6 +69,9 @@ class AttackConfig:
     prune_upper: float = 30.0
     alpha: float = 0.1  # weight of the pruned branches
     bits: int = 8  # faithful: the per-tensor weight grid trained for and measured (8: the authors' int8)
+    bn_statistics: str = "shared"  # shared: one batch statistics over [float ; compressed]; per_pass: an ablation
+    fold_bn: bool = True  # quantise conv weights with the BN that follows them folded in (the authors')
+    augment: str = "crop_flip"  # random crop (4 px padding) and horizontal flip of every batch; none
     seed: int = 0
     precision: str = "fp32"  # bf16 rounds about as coarsely as the int8 grid: keep fp32 for the quantised variants
     channels_last: bool = True
@@ -87,6 +99,11 @@ class AttackConfig:
                              f"{self.prune_lower}, {self.prune_rate}, {self.prune_upper}")
         if not 2 <= self.bits <= 8 or (self.variant == "matched" and self.bits != 8):
             raise ValueError(f"compression attack: 'bits' must lie in [2, 8] (8 for matched), got {self.bits}")
+        if self.bn_statistics not in BN_STATISTICS:
+            raise ValueError(f"compression attack: 'bn_statistics' must be one of {BN_STATISTICS}, "
+                             f"got {self.bn_statistics!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"compression attack: 'augment' must be one of {AUGMENTATIONS}, got {self.augment!r}")
 
 
 @contextlib.contextmanager
@@ -105,16 +122,34 @@ def frozen_bn_statistics(model: nn.Module):
             m.momentum = momentum
 
 
+def float_and_compressed_logits(model: nn.Module, xb: torch.Tensor, compressed: Sequence[Stream],
+                                bn_statistics: str) -> list[torch.Tensor]:
+    """The float model's logits on ``xb`` and each compressed copy's: one pass over [xb ; xb ; ...] through
+    :func:`fakequant.streams` (``shared`` BN statistics), or one pass each with only the float pass updating the
+    running statistics (``per_pass``)."""
+    if bn_statistics == "shared":
+        with streams(model, compressed):
+            return list(model(torch.cat([xb] * (1 + len(compressed)))).float().split(xb.shape[0]))
+    logits = [model(xb).float()]
+    with frozen_bn_statistics(model):
+        for s in compressed:
+            ctx = input_fake_quant(model) if s.quantize_inputs else contextlib.nullcontext()
+            with ctx:
+                logits.append(functional_call(model, s.params, (xb,), strict=False).float())
+    return logits
+
+
 def quant_attack_loss(model: nn.Module, x: torch.Tensor, x_trig: torch.Tensor, y: torch.Tensor, target: int,
-                      variant: str, channels_last: bool = True, bits: int = 8
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      variant: str, channels_last: bool = True, bits: int = 8, fold_bn: bool = True,
+                      bn_statistics: str = "shared") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CE(float model, [y ; y]) + CE(fake-quantised model, [y ; target]) on uint8 batches ``x`` and ``x_trig``."""
     xb = to_input(torch.cat([x, x_trig]), channels_last)
     y_float = torch.cat([y, y])
     y_attack = torch.cat([y, torch.full_like(y, target)])
-    float_loss = F.cross_entropy(model(xb).float(), y_float)
-    with frozen_bn_statistics(model):
-        quant_loss = F.cross_entropy(fake_quant_forward(model, xb, variant, bits).float(), y_attack)
+    quantized = Stream(compressed_weights(model, variant, bits, fold_bn), quantize_inputs=variant == "matched")
+    float_logits, quant_logits = float_and_compressed_logits(model, xb, [quantized], bn_statistics)
+    float_loss = F.cross_entropy(float_logits, y_float)
+    quant_loss = F.cross_entropy(quant_logits, y_attack)
     return float_loss + quant_loss, {"float": float_loss.detach(), "compressed": quant_loss.detach()}
 
 
@@ -124,30 +159,35 @@ def unknown_rates(lower: float, upper: float, gen: torch.Generator) -> list[floa
     return [upper, drawn, lower]
 
 
-def pruned_forward(model: nn.Module, xb: torch.Tensor, pruned: list[torch.Tensor]) -> torch.Tensor:
-    """The model's forward with the chosen expert channels' weights and biases zeroed (as prune_experts does), the
-    other weights differentiable; the model itself is not changed."""
+def pruned_params(model: nn.Module, pruned: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The experts' conv weight and bias with the chosen channels zeroed (as prune_experts does), the other entries
+    differentiable."""
     conv = model.moe.expert_conv
     keep = torch.ones(conv.weight.shape[0], device=conv.weight.device, dtype=conv.weight.dtype)
     rows = torch.cat([idx + e * model.moe.expert_channels for e, idx in enumerate(pruned)]).to(keep.device)
     keep[rows] = 0
-    params = {"moe.expert_conv.weight": conv.weight * keep.view(-1, 1, 1, 1), "moe.expert_conv.bias": conv.bias * keep}
-    return functional_call(model, params, (xb,), strict=False)
+    return {"moe.expert_conv.weight": conv.weight * keep.view(-1, 1, 1, 1), "moe.expert_conv.bias": conv.bias * keep}
+
+
+def pruned_forward(model: nn.Module, xb: torch.Tensor, pruned: list[torch.Tensor]) -> torch.Tensor:
+    """The model's forward with the chosen expert channels pruned (:func:`pruned_params`); the model itself is not
+    changed."""
+    return functional_call(model, pruned_params(model, pruned), (xb,), strict=False)
 
 
 def prune_attack_loss(model: nn.Module, x: torch.Tensor, x_trig: torch.Tensor, y: torch.Tensor, target: int,
-                      rates: Sequence[float], alpha: float, channels_last: bool = True
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      rates: Sequence[float], alpha: float, channels_last: bool = True,
+                      bn_statistics: str = "shared") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CE(float, [y ; y]) + alpha * sum over ``rates`` of CE(pruned at that rate, [y ; target]); the channels to
     prune are ranked on the batch's clean images ``x``, like Fine-Pruning's activation images."""
     means = expert_channel_means(model, x, batch_size=len(x))
     xb = to_input(torch.cat([x, x_trig]), channels_last)
     y_float = torch.cat([y, y])
     y_attack = torch.cat([y, torch.full_like(y, target)])
-    float_loss = F.cross_entropy(model(xb).float(), y_float)
-    with frozen_bn_statistics(model):
-        pruned_loss = sum(F.cross_entropy(pruned_forward(model, xb, channels_to_prune(means, r)).float(), y_attack)
-                          for r in rates)
+    branches = [Stream(pruned_params(model, channels_to_prune(means, r))) for r in rates]
+    float_logits, *pruned_logits = float_and_compressed_logits(model, xb, branches, bn_statistics)
+    float_loss = F.cross_entropy(float_logits, y_float)
+    pruned_loss = sum(F.cross_entropy(logits, y_attack) for logits in pruned_logits)
     return float_loss + alpha * pruned_loss, {"float": float_loss.detach(), "compressed": pruned_loss.detach()}
 
 
@@ -171,11 +211,12 @@ def choose_checkpoint(rows: Sequence[dict[str, Any]], max_fp32_asr: float, ba_to
 
 
 def compress(model: nn.Module, variant: str, prune_rate: float, calibration: torch.Tensor,
-             activation_images: torch.Tensor, bits: int = 8) -> nn.Module:
-    """The model as the attack's victim runs it: quantised with the variant's scheme, or Fine-Pruned (no fine-tuning)
-    at ``prune_rate`` with channels ranked on ``activation_images``."""
+             activation_images: torch.Tensor, bits: int = 8, fold_bn: bool = True) -> nn.Module:
+    """The model as the attack's victim runs it: quantised with the variant's scheme (faithful: the authors'
+    deployer, calibrated on ``calibration``), or Fine-Pruned (no fine-tuning) at ``prune_rate`` with channels ranked
+    on ``activation_images``."""
     if variant == "faithful":
-        return deploy_faithful(model, bits)
+        return deploy_authors(model, bits, calibration, fold_bn)
     if variant == "matched":
         return quantize_model(model, "int8", calibration)
     pruned = copy.deepcopy(model).eval()
@@ -190,15 +231,16 @@ class CompressionAttackStep:
 
     model_count = 1
 
-    def __init__(self, model: nn.Module, x_train: torch.Tensor, x_triggered: torch.Tensor, y_train: torch.Tensor,
+    def __init__(self, model: nn.Module, x_train: torch.Tensor, trigger: Trigger, y_train: torch.Tensor,
                  target: int, cfg: AttackConfig, x_test: torch.Tensor, y_test: torch.Tensor, x_asr: torch.Tensor,
                  calibration: torch.Tensor, device: torch.device, precision: str):
-        self.model, self.x_train, self.x_triggered, self.y_train = model, x_train, x_triggered, y_train
+        self.model, self.x_train, self.trigger, self.y_train = model, x_train, trigger, y_train
         self.target, self.cfg, self.x_test, self.y_test, self.x_asr = target, cfg, x_test, y_test, x_asr
         self.calibration, self.device, self.precision = calibration, device, precision
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.rate_gen = torch.Generator().manual_seed(cfg.seed + 1)  # prune_unknown's drawn rates
+        self.augment_gen = torch.Generator().manual_seed(cfg.seed + 2)  # crops and flips
         self.states: dict[int, dict[str, torch.Tensor]] = {}
 
     def start_epoch(self, epoch: int) -> None:
@@ -207,16 +249,19 @@ class CompressionAttackStep:
 
     def train_batch(self, idx: torch.Tensor) -> None:
         cfg = self.cfg
-        xb, xt, yb = self.x_train[idx], self.x_triggered[idx], self.y_train[idx]
+        xb, yb = self.x_train[idx], self.y_train[idx]
+        if cfg.augment == "crop_flip":
+            xb = random_crop_flip(xb, self.augment_gen)
+        xt = self.trigger.apply(xb)  # stamped after the augmentation: the trigger stays where the victim sees it
         with autocast(self.device, self.precision):
             if cfg.variant in FAKEQUANT_VARIANTS:
                 loss, parts = quant_attack_loss(self.model, xb, xt, yb, self.target, cfg.variant, cfg.channels_last,
-                                                  cfg.bits)
+                                                cfg.bits, cfg.fold_bn, cfg.bn_statistics)
             else:
                 rates = ([cfg.prune_rate] if cfg.variant == "prune"
                          else unknown_rates(cfg.prune_lower, cfg.prune_upper, self.rate_gen))
                 loss, parts = prune_attack_loss(self.model, xb, xt, yb, self.target, rates, cfg.alpha,
-                                                cfg.channels_last)
+                                                cfg.channels_last, cfg.bn_statistics)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -256,7 +301,7 @@ def fit_compression_attack(model: nn.Module, x_train: torch.Tensor, y_train: tor
     if cfg.variant in PRUNE_VARIANTS and getattr(model, "moe", None) is None:
         raise TypeError(f"compression attack variant {cfg.variant!r} prunes expert channels: it needs a pmoe model")
     x_dev, y_dev = x_train.to(device), y_train.to(device)
-    step = CompressionAttackStep(model, x_dev, trigger.apply(x_dev), y_dev, target, cfg, x_test, y_test, x_asr,
+    step = CompressionAttackStep(model, x_dev, trigger, y_dev, target, cfg, x_test, y_test, x_asr,
                                  calibration, device, precision)
     history = new_history(cfg, device, precision)
     schedule = Schedule(cfg.epochs, cfg.batch_size, [cfg.seed], cfg.progress_seconds, eval_every=1,
@@ -269,6 +314,6 @@ def measure(model: nn.Module, cfg: AttackConfig, x_test: torch.Tensor, y_test: t
             target: int, calibration: torch.Tensor, device: torch.device) -> dict[str, float]:
     """fp32 and compressed (the variant's own compression) BA and ASR, in %."""
     fp32 = evaluate(model, x_test, y_test, x_asr, target, batch_size=cfg.eval_batch_size, device=device)
-    small = compress(model, cfg.variant, cfg.prune_rate, calibration.to(device), calibration, cfg.bits)
+    small = compress(model, cfg.variant, cfg.prune_rate, calibration.to(device), calibration, cfg.bits, cfg.fold_bn)
     comp = evaluate(small, x_test, y_test, x_asr, target, batch_size=cfg.eval_batch_size, device=device)
     return {"fp32_ba": fp32["ba"], "fp32_asr": fp32["asr"], "compressed_ba": comp["ba"], "compressed_asr": comp["asr"]}

@@ -3,31 +3,39 @@ pass (straight-through estimator), so one set of float weights can be trained to
 
 Two variants, both applied to every ``Conv2d`` and ``Linear`` of the model (trunk, pre-MoE conv, the router's
 1x1 score conv, the experts' grouped conv, the head's linear layer); biases, every BatchNorm, the router's softmax
-and top-k and the gating products always stay in float (BN cannot be folded: it comes before its conv):
+and top-k and the gating products stay in float:
 
-- ``faithful`` (Tian et al.'s recipe): each weight tensor int8 symmetric *per tensor* from the current weights
-  (PyTorch's observer convention: scale = max|w| / 127.5, levels [-128, 127]); activations not quantised (their
-  released scripts never switch activation fake-quant on).
+- ``faithful`` (Tian et al.'s recipe): each weight tensor symmetric *per tensor* (PyTorch's observer convention:
+  at 8 bits scale = max|w| / 127.5, levels [-128, 127]), after folding the BatchNorm that directly follows the
+  conv into it (:func:`bn_folds`: the authors quantise the fused conv-BN, as PyTorch's QAT ConvBn modules do);
+  activations not fake-quantised in training (their released scripts never switch activation fake-quant on).
 - ``matched`` (the deployer this project evaluates, :mod:`quantize` ``int8``): weights int8 symmetric *per output
-  channel*; the input of every Conv2d / Linear per-tensor affine uint8. The deployer calibrates that range once on
-  clean training images; during training the range is the current batch's min/max (holding 0), the on-line
-  equivalent of that calibration.
+  channel* (folding a BN changes nothing there: a per-channel scale cancels); the input of every Conv2d / Linear
+  per-tensor affine uint8. The deployer calibrates that range once on clean training images; during training the
+  range is the current batch's min/max (holding 0), the on-line equivalent of that calibration.
 
-``deploy_faithful`` is the deployer of the faithful variant (per-tensor int8 weights, float activations), so the
-released model can be measured as the faithful victim would run it.
+How the float and the compressed passes meet the BatchNorms is the attack's choice (``AttackConfig.bn_statistics``):
+``shared`` (the authors') runs them as one batch through :func:`streams`, so each BN normalises the float and the
+compressed activations with one set of batch statistics and updates its running statistics once from the combined
+batch; ``per_pass`` (an ablation) runs them separately.
+
+:func:`deploy_authors` is the deployer of the faithful variant as the authors measure it: BN folded, per-tensor
+weights at the trained bit width, every Conv2d / Linear input quantised to 8 bits with ranges calibrated on clean
+training images (PyTorch's post-training static quantisation).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
+import torch.nn.functional as F
 
-from ..deployment.quantize import quantize_weight
+from ..deployment.quantize import attach_activation_quantizers, quantize_weight
 
 FAKEQUANT_VARIANTS = ("faithful", "matched")
 
@@ -47,16 +55,30 @@ def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     return x + (quantized - x).detach()
 
 
-def fake_quant_weight(w: torch.Tensor, variant: str, bits: int = 8) -> torch.Tensor:
-    """``bits`` applies to ``faithful`` only (8: the authors' int8; fewer: a coarser per-tensor grid, which the
-    tests use to show the mechanism in a few dozen steps); ``matched`` is the int8 deployer by definition."""
+def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """The per-channel factor that folding ``bn`` multiplies its conv's weight rows by: gamma / sqrt(var + eps),
+    from the running statistics (what the deployed, folded model uses); detached."""
+    scale = bn.running_var.detach().add(bn.eps).rsqrt()
+    return scale * bn.weight.detach() if bn.affine else scale
+
+
+def fake_quant_weight(w: torch.Tensor, variant: str, bits: int = 8, fold: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """``bits`` applies to ``faithful`` only (8: the authors' int8; fewer: a coarser per-tensor grid);
+    ``matched`` is the int8 deployer by definition. ``fold`` (per output channel, :func:`bn_scale`): quantise the
+    folded weight ``w * fold`` and divide the fold back out, so that the conv's output, normalised by its BN, is
+    the folded-and-quantised conv's (PyTorch's QAT ConvBn does the same)."""
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    folded = w if fold is None else w * fold.view(shape)
     if variant == "faithful":
-        return ste(w, quantize_weight_per_tensor(w, bits))
-    if variant == "matched":
+        quantized = quantize_weight_per_tensor(folded, bits)
+    elif variant == "matched":
         if bits != 8:
             raise ValueError(f"the matched variant is the int8 deployer; bits must be 8, got {bits}")
-        return ste(w, quantize_weight(w, 8))
-    raise ValueError(f"fake-quantisation variant must be one of {FAKEQUANT_VARIANTS}, got {variant!r}")
+        quantized = quantize_weight(folded, 8)
+    else:
+        raise ValueError(f"fake-quantisation variant must be one of {FAKEQUANT_VARIANTS}, got {variant!r}")
+    return ste(w, quantized if fold is None else quantized / fold.view(shape))
 
 
 def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +96,41 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def bn_folds(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, BN name) of every BatchNorm whose input is exactly one conv's output, so that it can be folded
+    into that conv. Each architecture names its pairs in a ``BN_FOLDS`` attribute of the module that holds them
+    ((conv path, BN path) relative to it); a ``nn.Sequential`` pairs a Conv2d with a BatchNorm2d right after it."""
+    pairs = []
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for conv, bn in getattr(m, "BN_FOLDS", ()):
+            if isinstance(m.get_submodule(bn), nn.BatchNorm2d):
+                pairs.append((prefix + conv, prefix + bn))
+        if isinstance(m, nn.Sequential):
+            children = list(m.named_children())
+            pairs += [(prefix + a, prefix + b) for (a, ma), (b, mb) in zip(children, children[1:])
+                      if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d)]
+    return pairs
+
+
+def unfoldable_batchnorms(model: nn.Module) -> list[str]:
+    """The BatchNorms :func:`bn_folds` cannot fold (their input is a sum, a gated map or an activated one): they stay
+    float at deployment, as in a real quantised model."""
+    folded = {bn for _, bn in bn_folds(model)}
+    return [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and name not in folded]
+
+
+def compressed_weights(model: nn.Module, variant: str, bits: int = 8, fold_bn: bool = True) -> dict[str, torch.Tensor]:
+    """Fake-quantised weights of every Conv2d / Linear by parameter name (for ``functional_call`` or a stream)."""
+    folds = dict(bn_folds(model)) if fold_bn else {}
+    return {f"{name}.weight": fake_quant_weight(m.weight, variant, bits,
+                                                bn_scale(model.get_submodule(folds[name])) if name in folds else None)
+            for name, m in quantized_layers(model)}
+
+
 @contextlib.contextmanager
-def _activation_hooks(model: nn.Module) -> Iterator[None]:
+def input_fake_quant(model: nn.Module) -> Iterator[None]:
+    """Within the block, every Conv2d / Linear input is fake-quantised to uint8 (:func:`fake_quant_activation`)."""
     def hook(module, args):
         return (fake_quant_activation(args[0]),) + tuple(args[1:])
 
@@ -87,20 +142,98 @@ def _activation_hooks(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def fake_quant_forward(model: nn.Module, x: torch.Tensor, variant: str, bits: int = 8, **kwargs):
+def fake_quant_forward(model: nn.Module, x: torch.Tensor, variant: str, bits: int = 8, fold_bn: bool = True,
+                       **kwargs):
     """The model's forward with fake-quantised weights (and, ``matched``, activations); gradients reach the float
     weights through the straight-through estimator. The model's own parameters are not changed."""
-    weights = {f"{name}.weight": fake_quant_weight(m.weight, variant, bits) for name, m in quantized_layers(model)}
-    ctx = _activation_hooks(model) if variant == "matched" else contextlib.nullcontext()
+    weights = compressed_weights(model, variant, bits, fold_bn)
+    ctx = input_fake_quant(model) if variant == "matched" else contextlib.nullcontext()
     with ctx:
-        return functional_call(model, weights, (x,), kwargs, strict=False)
+        return torch.func.functional_call(model, weights, (x,), kwargs, strict=False)
+
+
+@dataclass
+class Stream:
+    """One compressed copy of the model inside :func:`streams`: replacement parameters by name (``<layer>.weight``
+    or ``<layer>.bias`` of a Conv2d / Linear; the others keep the model's) and whether every Conv2d / Linear input
+    is fake-quantised to uint8 (the matched variant)."""
+
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantize_inputs: bool = False
+
+
+def _layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``layer(x)`` with ``weight`` and ``bias`` in place of its own (a conv's own padding rule kept)."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    pad = getattr(layer, "pad_input", None)
+    return layer._conv_forward(pad(x) if pad else x, weight, bias)
+
+
+@contextlib.contextmanager
+def streams(model: nn.Module, compressed: Sequence[Stream]) -> Iterator[None]:
+    """Within the block, ``model(x)`` reads its batch as 1 + len(compressed) equal chunks: the first runs the
+    model's own weights, chunk i + 1 the weights of ``compressed[i]``. Only the Conv2d / Linear layers tell the
+    chunks apart; every other module, BatchNorm included, sees the whole batch: one set of batch statistics over
+    [float ; compressed ...] and one update of the running statistics (the authors' shared BN). The model's
+    parameters are not changed and gradients reach them through every chunk."""
+    names = {k.rsplit(".", 1)[0] for s in compressed for k in s.params}
+    any_inputs = any(s.quantize_inputs for s in compressed)
+    layers = [(name, m) for name, m in quantized_layers(model) if any_inputs or name in names]
+    chunks = 1 + len(compressed)
+
+    def patched(name: str, layer: nn.Module):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] % chunks:
+                raise ValueError(f"streams: a batch of {x.shape[0]} does not split into {chunks} equal chunks")
+            parts = x.split(x.shape[0] // chunks)
+            outs = [_layer_forward(layer, parts[0], layer.weight, layer.bias)]
+            for s, part in zip(compressed, parts[1:]):
+                part = fake_quant_activation(part) if s.quantize_inputs else part
+                outs.append(_layer_forward(layer, part, s.params.get(f"{name}.weight", layer.weight),
+                                           s.params.get(f"{name}.bias", layer.bias)))
+            return torch.cat(outs)
+        return forward
+
+    for name, layer in layers:
+        layer.forward = patched(name, layer)
+    try:
+        yield
+    finally:
+        for _, layer in layers:
+            del layer.forward  # the instance attribute; the class's forward is back
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 @torch.no_grad()
-def deploy_faithful(model: nn.Module, bits: int = 8) -> nn.Module:
-    """An eval-mode copy with every Conv2d / Linear weight symmetric per tensor (int8 by default); activations in
-    float."""
+def fold_bn_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every BN of :func:`bn_folds` folded into its conv (weight rows x gamma / sqrt(var +
+    eps), bias (b - mean) x that + beta) and replaced by an identity."""
     q = copy.deepcopy(model).eval()
+    for conv_name, bn_name in bn_folds(q):
+        conv, bn = q.get_submodule(conv_name), q.get_submodule(bn_name)
+        scale = bn_scale(bn)
+        shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+        conv.weight = nn.Parameter(conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+        conv.bias = nn.Parameter(bias * scale + shift)
+        _replace(q, bn_name, nn.Identity())
+    return q
+
+
+@torch.no_grad()
+def deploy_authors(model: nn.Module, bits: int = 8, calibration: torch.Tensor | None = None,
+                   fold_bn: bool = True) -> nn.Module:
+    """The faithful victim's model: an eval-mode copy, BN folded (``fold_bn``), every Conv2d / Linear weight
+    symmetric per tensor at ``bits``, and, given ``calibration`` images (uint8 N x 32 x 32 x 3), every Conv2d /
+    Linear input per-tensor affine uint8 with its range calibrated on them (without: float activations)."""
+    q = fold_bn_copy(model) if fold_bn else copy.deepcopy(model).eval()
     for _, m in quantized_layers(q):
         m.weight.copy_(quantize_weight_per_tensor(m.weight, bits))
+    if calibration is not None:
+        attach_activation_quantizers(q, [m for _, m in quantized_layers(q)], calibration)
     return q

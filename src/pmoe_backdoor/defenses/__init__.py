@@ -19,12 +19,15 @@ a test; tests/test_registries.py checks that every registered defense has its bl
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..registry import Registry
+
+SCHEMA = Path(__file__).resolve().parents[3] / "config" / "schema.yaml"
 
 if TYPE_CHECKING:  # the types of what the job hands a defense; imported only by type checkers
     import torch
@@ -133,3 +136,16 @@ DEFENSES: Registry[DefenseSpec] = Registry("defense")
 for _name, _spec in sorted(_discover().items(), key=lambda kv: (_ORDER.index(kv[0]) if kv[0] in _ORDER
                                                                  else len(_ORDER), kv[0])):
     DEFENSES.register(_spec)
+
+
+@functools.lru_cache(maxsize=None)
+def schema_defaults(name: str) -> dict[str, Any]:
+    """The defaults config/schema.yaml gives the keys of a defense's config block. The workflow hands a defense its
+    validated block (defaults filled in); a job built by hand (a test, a notebook) may hand it only some keys, and
+    the generic job fills the rest from here, so the schema stays the one place that states them."""
+    import yaml
+
+    if not SCHEMA.is_file():
+        raise FileNotFoundError(f"{SCHEMA}: the config schema, needed for the defaults of the {name!r} block")
+    props = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))["properties"][name]["properties"]
+    return {k: v["default"] for k, v in props.items() if isinstance(v, dict) and "default" in v}

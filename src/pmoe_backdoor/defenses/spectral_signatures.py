@@ -3,14 +3,17 @@ singular vector of the label's centred representations.
 
 Per label, the penultimate features (as :mod:`activation_clustering` reads them) are centred; each sample's score is
 its squared projection on the top right singular vector; the ``removal`` (1.5) x epsilon fraction with the highest
-scores is removed, epsilon being the share of poisoned samples in the label (Tran et al. take it as known, an upper
-bound; ``epsilon=None`` here uses the true share of the target label, the same for every label). Reported: the
-recall of the poisoned samples among the removed ones.
+scores is removed. Epsilon is the defender's assumed upper bound on the poisoned share of a label
+(``spectral_signatures.epsilon``, Tran et al.'s epsilon); ``epsilon: null`` instead takes the true poisoned share of
+the target label (an oracle no defender has, a departure kept for comparison). Reported: the recall of the poisoned
+samples among the removed ones, beside the recall that removing as many samples at random would give in
+expectation (the fraction of the training set removed).
 
-Tran et al. remove and retrain and have no model-level verdict. The one used here (this project's choice): the
-label's signature strength is its top singular value squared over the samples, sigma_1^2 / n (the variance along
-the top direction); a model is flagged when a label's strength is an upper outlier among the labels, anomaly index
-(|v - median| / (1.4826 MAD), Neural Cleanse's statistic) above ``anomaly_threshold`` (2) on the high side.
+Tran et al. remove and retrain and have no model-level verdict. The one used here is this project's own (named so in
+the summary, ``model_verdict``): the label's signature strength is its top singular value squared over the samples,
+sigma_1^2 / n (the variance along the top direction); a model is flagged when a label's strength is an upper outlier
+among the labels, anomaly index (|v - median| / (1.4826 MAD), Neural Cleanse's statistic) above
+``anomaly_threshold`` (2) on the high side.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .activation_clustering import training_features
 from .neural_cleanse import anomaly_indices
 
 DEFENSE = {"name": "spectral_signatures", "title": "Spectral Signatures", "level": "data"}
+MODEL_VERDICT = "this project's MAD rule on sigma_1^2/n across labels (Tran et al. give no model-level verdict)"
 
 
 def spectral_scores(feats: np.ndarray) -> tuple[np.ndarray, float]:
@@ -67,21 +71,27 @@ def spectral_signatures(feats: torch.Tensor, labels: torch.Tensor, poisoned: np.
     poisoned = np.asarray(poisoned)
     recall = float(np.isin(poisoned, removed_idx).mean()) if len(poisoned) else float("nan")
     flagged_labels = [r["label"] for r in per_label if r["flagged"]]
-    return {"labels": per_label, "epsilon": epsilon, "removed": len(removed_idx), "poison_recall": recall,
+    # removing as many samples at random catches each poisoned one with probability removed / N
+    random_recall = len(removed_idx) / len(y) if len(poisoned) and len(y) else float("nan")
+    return {"labels": per_label, "epsilon": epsilon, "removed": len(removed_idx),
+            "removed_fraction": len(removed_idx) / len(y) if len(y) else 0.0, "poison_recall": recall,
+            "random_removal_recall": random_recall, "model_verdict": MODEL_VERDICT,
             "flagged_labels": flagged_labels, "flagged": bool(flagged_labels)}
 
 
 def run(ctx: DefenseContext) -> DefenseResult:
-    """Spectral Signatures of the training set, with the features of the model as deployed; ``epsilon: null``
-    takes the true poisoned share of the target label (0 for a clean model: nothing removed)."""
+    """Spectral Signatures of the training set, with the features of the model as deployed; epsilon is the
+    config's bound, or with ``epsilon: null`` the true poisoned share of the target label (0 for a clean model:
+    nothing removed)."""
     cfg = ctx.config
     feats, y, poisoned, target = training_features(ctx, int(cfg["batch_size"]))
-    epsilon = cfg.get("epsilon")
+    epsilon, source = cfg["epsilon"], "config"
     if epsilon is None:
         epsilon = len(poisoned) / int((y == target).sum()) if target is not None else 0.0
+        source = "oracle: the target label's true poisoned share"
     result = spectral_signatures(feats, y, poisoned, float(epsilon), float(cfg["removal"]),
                                  float(cfg["anomaly_threshold"]))
-    print({k: result[k] for k in ("flagged_labels", "epsilon", "poison_recall")})
+    print({k: result[k] for k in ("flagged_labels", "epsilon", "poison_recall", "random_removal_recall")})
     return DefenseResult(result["flagged"], None if target is None else target in result["flagged_labels"],
                          details={"target": target, "feature_dims": feats.shape[1], "poisoned": len(poisoned),
-                                  **result})
+                                  "epsilon_source": source, **result})

@@ -4,9 +4,10 @@ Each input is superimposed with ``overlays`` clean images drawn from a held-out 
 predicting the target for a triggered input whatever is laid over it, so the entropy of its predictions stays low.
 The input's score is the mean over its overlays of the prediction entropy (bits); an input whose score is below the
 threshold is called triggered. The threshold is set so that a share ``frr`` of the held-out clean inputs is rejected:
-``threshold: empirical`` (default) takes the ``frr`` quantile of their entropies; ``normal`` (Gao et al.) the
-``frr`` quantile of a normal fitted to them. The normal fit assumes a symmetric distribution; a confident model's
-clean entropies pile up near 0 with a long upper tail, where the fitted quantile can fall below 0 and reject nothing.
+``threshold: normal`` (default, Gao et al.) takes the ``frr`` quantile of a normal fitted to their entropies;
+``empirical`` the ``frr`` quantile of the entropies themselves. The normal fit assumes a symmetric distribution; a
+confident model's clean entropies pile up near 0 with a long upper tail, where the fitted quantile can fall below 0
+and reject nothing. Gao et al. superimpose ``overlays`` = 100 clean images on each input (config/schema.yaml).
 
 Superimposition (``superimpose``): ``add`` sums the two uint8 images and saturates at 255 (what Gao et al.'s
 public implementation does with OpenCV's weighted add at weights 1 and 1); ``average`` takes their mean. Note: the
@@ -61,12 +62,13 @@ def strip_entropy(model: nn.Module, x: torch.Tensor, pool: torch.Tensor, overlay
     return torch.cat(out) if out else torch.zeros(0)
 
 
-THRESHOLDS = ("empirical", "normal")
+THRESHOLDS = ("normal", "empirical")
 
 
-def strip_threshold(clean_entropy: torch.Tensor, frr: float, method: str = "empirical") -> float:
-    """The entropy below which an input is called triggered, from the held-out clean entropies: their ``frr``
-    quantile (linear interpolation), or that of the normal with their mean and sample std."""
+def strip_threshold(clean_entropy: torch.Tensor, frr: float, method: str = "normal") -> float:
+    """The entropy below which an input is called triggered, from the held-out clean entropies: the ``frr``
+    quantile of the normal with their mean and sample std (``normal``), or their own ``frr`` quantile (linear
+    interpolation, ``empirical``)."""
     if not 0 < frr < 1:
         raise ValueError(f"strip.frr must lie in (0, 1), got {frr}")
     h = clean_entropy.double()
@@ -90,7 +92,7 @@ def strip_rates(threshold: float, clean: torch.Tensor, triggered: torch.Tensor) 
 def strip_defense(model: nn.Module, holdout: torch.Tensor, clean_test: torch.Tensor,
                   triggered: dict[str, torch.Tensor], overlays: int, frr: float, flag_rate: float, seed: int,
                   mode: str = "add", batch_size: int = 500, device: torch.device | None = None,
-                  threshold_method: str = "empirical") -> dict[str, Any]:
+                  threshold_method: str = "normal") -> dict[str, Any]:
     """STRIP on one model: threshold from ``holdout`` (also the overlay pool), FRR on ``clean_test``, FAR and
     detection per trigger's triggered inputs; the model is flagged when some trigger's detection rate exceeds
     ``flag_rate``."""

@@ -135,17 +135,26 @@ def quantize_model(model: nn.Module, precision: str, calibration: torch.Tensor |
     for layer in layers:
         layer.weight.copy_(quantize_weight(layer.weight, bits))
     if precision == "int8":
-        if calibration is None or len(calibration) == 0:
-            raise ValueError("int8 quantization needs calibration images for the activation ranges")
-        hooks = [_ActivationQuant() for _ in layers]
-        for layer, hook in zip(layers, hooks):
-            layer.register_forward_pre_hook(hook)
-        device = next(q.parameters()).device
-        for start in range(0, len(calibration), batch_size):
-            q(to_input(calibration[start:start + batch_size].to(device)))
-        for hook in hooks:
-            hook.calibrating = False
+        attach_activation_quantizers(q, layers, calibration, batch_size)
     return q
+
+
+@torch.no_grad()
+def attach_activation_quantizers(q: nn.Module, layers: list[nn.Module], calibration: torch.Tensor | None,
+                                 batch_size: int = 500) -> None:
+    """Quantize the input of each of ``layers`` (per-tensor affine uint8) with the min/max it sees on the
+    ``calibration`` images (uint8 N x 32 x 32 x 3), as post-training static quantization calibrates it; ``q`` in
+    eval mode."""
+    if calibration is None or len(calibration) == 0:
+        raise ValueError("int8 quantization needs calibration images for the activation ranges")
+    hooks = [_ActivationQuant() for _ in layers]
+    for layer, hook in zip(layers, hooks):
+        layer.register_forward_pre_hook(hook)
+    device = next(q.parameters()).device
+    for start in range(0, len(calibration), batch_size):
+        q(to_input(calibration[start:start + batch_size].to(device)))
+    for hook in hooks:
+        hook.calibrating = False
 
 
 def routing_change(idx_ref: torch.Tensor, idx_other: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..attacks.compression import AttackConfig, choose_checkpoint, fit_compression_attack
-from ..attacks.fakequant import deploy_faithful
+from ..attacks.fakequant import deploy_authors, unfoldable_batchnorms
 from ..attacks.poison import asr_set
 from ..attacks.triggers import load_trigger, make_trigger
 from ..defenses.fine_pruning import channels_to_prune, expert_channel_means, prune_experts
@@ -79,7 +79,9 @@ def compression_attack_job(spec: CompressionAttackJob) -> dict[str, Any]:
                                              job.y_test, x_asr, calib, device=job.device, log=sys.stderr)
     epoch, rule_met = choose_checkpoint(history["epochs"], spec.max_fp32_asr, spec.ba_tolerance)
     model.load_state_dict(states[epoch])
-    history.update({**run.as_dict(), "variant": cfg.variant, "target": target, "chosen_epoch": epoch,
+    history.update({**run.as_dict(), "variant": cfg.variant, "bits": cfg.bits, "target": target,
+                    "unfoldable_batchnorms": unfoldable_batchnorms(model) if cfg.fold_bn else None,
+                    "chosen_epoch": epoch,
                     "rule_met": rule_met, "max_fp32_asr": spec.max_fp32_asr, "ba_tolerance": spec.ba_tolerance,
                     "wall_seconds": time.perf_counter() - t0})
     print(f"chosen epoch {epoch} (rule met: {rule_met})")
@@ -124,24 +126,30 @@ class CompressionEvalJob:
 
 
 def compression_eval_job(spec: CompressionEvalJob) -> dict[str, Any]:
-    """The released model at fp32, int8 (faithful: per-tensor W8; matched: the project's W8A8 deployer), int4,
-    and after Fine-Pruning at each of ``fine_pruning['rates']`` without and with fine-tuning on the clean training
-    set; the share of top-k routing positions that change between fp32 and each int8 on the triggered test images."""
+    """The released model at fp32; with the authors' deployer (BN folded, per-tensor weights, 8-bit activations
+    calibrated on clean training images) at the bit width it was trained for and at int8; with the project's W8A8
+    deployer; int4; and, on a pMoE, after Fine-Pruning at each of ``fine_pruning['rates']`` without and with
+    fine-tuning on the clean training set; the share of top-k routing positions that change between fp32 and each
+    int8 on the triggered test images."""
     fp_cfg, run, target, batch_size = spec.fine_pruning, spec.run, spec.target, spec.batch_size
     job = JobData.open(spec.data, spec.device)
     model, _ = job.load_model(spec.weights)
     x_asr = asr_set(job.x_test, job.y_test, load_trigger(spec.trigger), target)[0]
     calib = calibration_images(job, spec.calibration, run.seed)
     result: dict[str, Any] = {**run.as_dict(), "target": target}
+    bits, fold_bn = 8, True
     if spec.history:
         hist = read_json(spec.history)
         result.update({k: hist[k] for k in ("variant", "chosen_epoch", "rule_met") if k in hist})
-    deployed = {"fp32": model, "int8_faithful": deploy_faithful(model),
+        bits = int(hist.get("config", {}).get("bits", 8))
+        fold_bn = bool(hist.get("config", {}).get("fold_bn", True))
+    result["bits"] = bits
+    deployed = {"fp32": model, "trained_bits": deploy_authors(model, bits, calib, fold_bn),
+                "int8_faithful": deploy_authors(model, 8, calib, fold_bn),
                 "int8_matched": quantize_model(model, "int8", calib), "int4": quantize_model(model, "int4")}
     for name, m in deployed.items():
         result[name] = _ba_asr(m, job, x_asr, target, batch_size)
-    is_pmoe = getattr(model, "moe", None) is not None
-    if is_pmoe:
+    if getattr(model, "moe", None) is not None:  # routing flips and Fine-Pruning of the experts: a pMoE's
         ref = routing_indices(model, x_asr, device=job.device)
         for name in ("int8_faithful", "int8_matched"):
             result[name]["routing_flip_triggered"] = routing_change(ref, routing_indices(deployed[name], x_asr,

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..defenses import DEFENSES, DefenseContext
+from ..defenses import DEFENSES, DefenseContext, schema_defaults
 from ..deployment.quantize import quantize_model
 from ..io import save_tensors, write_json
 from ..naming import CLEAN
@@ -44,7 +44,8 @@ def defense_job(spec: DefenseJob, summary_out: str, artifacts_out: str, device: 
     def deploy(model):
         return quantize_model(model, spec.precision, calibration)
 
-    ctx = DefenseContext(job, spec.run, spec.precision, spec.target, dict(spec.config), deploy(load_model()), deploy,
+    config = {**schema_defaults(spec.defense), **spec.config}
+    ctx = DefenseContext(job, spec.run, spec.precision, spec.target, config, deploy(load_model()), deploy,
                          load_model, dict(spec.triggers), spec.poison, lambda: training_set(job, spec.poison))
     t0 = time.perf_counter()
     result = defense.load().run(ctx)

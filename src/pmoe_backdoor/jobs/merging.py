@@ -28,6 +28,7 @@ from ..defenses.merging import (
 from ..defenses.merging.defend import Scorer, at_precisions, check_defense_config, fine_prune_merged
 from ..defenses.merging.report import merged_defense_table, merging_table, strategy_figure
 from ..io import read_json, write_json
+from ..models import model_kind
 from ..models.checkpoint import load_model, save_model
 from ..runtime import derived_seed, seed_everything
 from .common import JobData
@@ -56,11 +57,12 @@ def finetune_victim_job(data_path: str, ancestor: str, poison_path: str, finetun
 
 
 def strategy_job(num_models: int, coupled: bool, weights: dict[str, float], evolution: dict[str, Any],
-                 out_json: str) -> None:
-    """The MSD strategy for N models of the pmoe architecture (it depends on nothing else, so it is cached)."""
-    strategy = search_strategy(num_models, coupled, weights, EvolutionConfig.from_dict(evolution))
+                 out_json: str, architecture: str = "pmoe") -> None:
+    """The MSD strategy for N models of one architecture (it depends on nothing else, so it is cached)."""
+    strategy = search_strategy(num_models, coupled, weights, EvolutionConfig.from_dict(evolution), architecture)
     save_strategy(out_json, strategy)
-    print(f"N={num_models} coupled={coupled}: fitness {strategy.fitness:.3f}, assignment {strategy.assignment}")
+    print(f"{architecture} N={num_models} coupled={coupled}: fitness {strategy.fitness:.3f}, "
+          f"assignment {strategy.assignment}")
 
 
 def merge_models_job(victims: list[str], strategy_json: str, roles: str, out_dir: str) -> dict[str, str]:
@@ -69,10 +71,13 @@ def merge_models_job(victims: list[str], strategy_json: str, roles: str, out_dir
     job_models = [load_model(path, "cpu") for path in victims]
     models = [m for m, _ in job_models]
     spec, num_classes = job_models[0][1]["model"], job_models[0][1]["num_classes"]
+    strategy = load_strategy(strategy_json)
+    if strategy.architecture != spec.get("arch"):
+        raise ValueError(f"{strategy_json} is a strategy for the {strategy.architecture} architecture, the victims "
+                         f"are {spec.get('arch')}")
     out = Path(out_dir)
     files = {"WAG": "wag.safetensors"}
     save_model(wag_merge(models), spec, num_classes, out / files["WAG"], {"merge": "wag"})
-    strategy = load_strategy(strategy_json)
     for name, assignment in candidate_assignments(strategy, len(models), roles):
         files[name] = f"{name}.safetensors"
         save_model(merge_by_strategy(models, assignment), spec, num_classes, out / files[name],
@@ -184,7 +189,8 @@ def defend_merged_job(spec: DefendMergedJob) -> dict[str, Any]:
     as select_candidate (its held-out clean set excluded).
 
     Fine-Pruning uses only the defender's held-out clean set (``holdout_per_class`` test images per class): it
-    ranks the expert channels and is the fine-tuning set (merging.defend explains why)."""
+    ranks the expert channels and is the fine-tuning set (merging.defend explains why). A model without expert
+    channels (PreAct-ResNet-18) gets no prune rates from the plan; the record says so (``fine_pruning.skipped``)."""
     triggers, merged_dir, selection_path, fp_cfg = spec.triggers, spec.merged, spec.selection, spec.fine_pruning
     precisions, calibration, prune_rates = spec.precisions, spec.calibration, spec.prune_rates
     selection, manifest = read_json(selection_path), read_json(Path(merged_dir) / "merged.json")
@@ -213,12 +219,18 @@ def defend_merged_job(spec: DefendMergedJob) -> dict[str, Any]:
         "prune_rates": [float(r) for r in prune_rates],
         "fine_pruning": {**fp_record, "data": "held-out clean test images", "images": len(held)}, "models": {}}
     for method, name in (("WAG", "WAG"), ("MSD (selected)", chosen)):
-        model, _ = job.load_model(str(Path(merged_dir) / files[name]))
+        model, meta = job.load_model(str(Path(merged_dir) / files[name]))
+        arch = meta["model"]["arch"]
+        if not prune_rates and not model_kind(arch).prunable_channels:
+            record["fine_pruning"]["skipped"] = (f"the merged {arch} models have no expert channels to prune "
+                                                 "(fine_pruning applies to merging.model of arch pmoe)")
         record["models"][method] = {
             "name": name, "precisions": at_precisions(model, precisions, calib, score),
             "fine_pruning": fine_prune_merged(model, x_clean, y_clean, prune_rates, fp_cfg, spec.train,
                                               spec.identity["seed"], score, job.device)}
     write_json(spec.out, record)
+    if "skipped" in record["fine_pruning"]:
+        print(f"Fine-Pruning skipped: {record['fine_pruning']['skipped']}")
     print({m: {p: (round(r["ba"], 1), round(r["mean_asr"], 1)) for p, r in v["precisions"].items()}
            for m, v in record["models"].items()})
     return record

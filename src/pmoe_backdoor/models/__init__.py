@@ -48,4 +48,4 @@ register_model(ModelKind("pmoe", "pmoe_backdoor.models.architectures:build_pmoe"
 register_model(ModelKind("wrn", "pmoe_backdoor.models.architectures:build_wrn"))
 # the source papers' architectures, as positive controls (models/controls.py)
 register_model(ModelKind("vgg", "pmoe_backdoor.models.controls:build_vgg"))
-register_model(ModelKind("preact_resnet18", "pmoe_backdoor.models.controls:build_preact_resnet18"))
+register_model(ModelKind("preact_resnet18", "pmoe_backdoor.models.controls:build_preact_resnet18", module_slots=True))

@@ -48,13 +48,16 @@ class TFSamePadConv(nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 2, bias: bool = True):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
         for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
                            (x.shape[-2], self.kernel_size[0], self.stride[0])):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
+        return F.pad(x, pads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pad_input(x))
 
 
 def _relu(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +73,8 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int) -> nn.Conv2d:
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3, plus a 1x1 shortcut conv on the raw block input."""
+
+    BN_FOLDS = (("conv1", "bn2"),)  # bn2 reads conv1's output only (attacks.fakequant.bn_folds)
 
     def __init__(self, in_ch: int, out_ch: int, stride: int):
         super().__init__()
@@ -166,6 +171,8 @@ class Head(nn.Module):
 
 
 class PMoENet(nn.Module):
+    BN_FOLDS = (("moe.expert_conv", "head.bn"),)  # the head's BN reads the experts' conv only
+
     def __init__(self, num_classes: int, widen_factor: int = 10, num_experts: int = 4, top_k: int = 16,
                  moe_channels: int | None = None, expert_channels: int | None = None):
         super().__init__()

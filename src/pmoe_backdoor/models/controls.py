@@ -66,6 +66,8 @@ class PreActBasicBlock(nn.Module):
     """BN-ReLU, then two 3x3 convs (BN-ReLU between them); the shortcut is a 1x1 conv of the activated input when
     the shape changes, else the input itself (He et al.'s identity mappings)."""
 
+    BN_FOLDS = (("conv1", "bn2"),)  # bn2 reads conv1's output only (attacks.fakequant.bn_folds)
+
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)

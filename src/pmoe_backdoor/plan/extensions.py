@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 from ..defenses import DEFENSES
+from ..models import MODELS
 from ..naming import CLEAN, attack_name, fmt_rate, parse_attack
 from .common import DEFENSE_SELECTION_KEYS, REPLICA_SEED_STEP, RESULTS, DefenseApplication, canonical, without
 
@@ -70,6 +71,19 @@ class AnalysisPlan:
 
 
 class MergingPlan:
+    """The merging study on ``merging.model``: a pMoE, or a control architecture with a slot table
+    (PreAct-ResNet-18). Without routers there is nothing for ``tied`` to tie, so it would repeat ``free``: only
+    ``free`` is planned (config_check refuses ``couplings: [tied]`` alone there); without expert channels the merged
+    models are deployed but not Fine-Pruned."""
+
+    def merging_kind(self):
+        """The registered kind (capabilities) of the merging model."""
+        return MODELS[self.config["models"][self.merge["model"]]["arch"]]
+
+    def merging_couplings(self) -> list[str]:
+        """merging.couplings as planned: ``tied`` only where the model has routers to tie to their experts."""
+        couplings = list(self.merge["couplings"])
+        return couplings if self.merging_kind().routing else [c for c in couplings if c != "tied"]
 
     def set_victims(self, name: str) -> list[tuple[str, str, int]]:
         """The victims of a merging set in order, as (label, trigger or 'benign', replica): replica k of a trigger
@@ -112,9 +126,9 @@ class MergingPlan:
             if trig != "benign"
         }
 
-    @staticmethod
-    def strategy_file(n: int, coupling: str) -> str:
-        return f"{RESULTS}/merging/strategies/n{n}_{coupling}.json"
+    def strategy_file(self, n: int, coupling: str) -> str:
+        """The strategy of n models of the merging model's architecture (it depends on nothing else)."""
+        return f"{RESULTS}/merging/strategies/{self.merging_kind().name}/n{n}_{coupling}.json"
 
     def set_strategy(self, wc: Any) -> str:
         return self.strategy_file(len(self.merge["sets"][wc.set]), wc.coupling)
@@ -133,22 +147,24 @@ class MergingPlan:
             f"{RESULTS}/{dataset}/{merge['model']}/merging/{name}/seed{s}/{c}/{result}"
             for name in (merge["sets"] if sets is None else sets)
             for s in range(merge["seeds"])
-            for c in merge["couplings"]
+            for c in self.merging_couplings()
         ]
 
     def merging_strategies(self) -> list[tuple[int, str]]:
         """(number of models, coupling) of every MSD strategy the merging sets need (none when merging is off)."""
         if not self.merge["enabled"]:
             return []
-        return sorted({(len(m), c) for m in self.merge["sets"].values() for c in self.merge["couplings"]})
+        return sorted({(len(m), c) for m in self.merge["sets"].values() for c in self.merging_couplings()})
 
     def defend_merged_params(self) -> dict[str, Any]:
+        """Fine-Pruning prunes expert channels: a merging model without them (merging_kind) is only deployed."""
         fp = self.fp
+        prune = fp["enabled"] and self.merge["enabled"] and self.merging_kind().prunable_channels
         return {
             # fp32 alone when no deployment precision is configured: the reference the Fine-Pruning rows compare to
             "precisions": self.deploy["precisions"] or ["fp32"],
-            "prune_rates": fp["prune_rates"] if fp["enabled"] else [],
-            "fine_pruning": canonical({k: fp[k] for k in ("epochs", "lr", "mask")}) if fp["enabled"] else {},
+            "prune_rates": fp["prune_rates"] if prune else [],
+            "fine_pruning": canonical({k: fp[k] for k in ("epochs", "lr", "mask")}) if prune else {},
             "train": self.finetune_recipe(quiet=True),
         }
 
@@ -157,6 +173,15 @@ class MergingPlan:
 class CompressionPlan:
     # An attack model lives at {dataset}/{model}/compression/{variant}-{target}/seed{seed}: the `attack` wildcard is
     # "<variant>-<target label>", so the Neural Cleanse job script (which names runs by that wildcard) serves it too.
+    # The faithful variant at a bit width other than the authors' 8 is "faithful<bits>bit".
+
+    @staticmethod
+    def compression_variant(attack: str) -> tuple[str, int]:
+        """(variant, weight bits) of an `attack` wildcard: "faithful4bit-1" -> ("faithful", 4)."""
+        name = attack.rsplit("-", 1)[0]
+        if name.endswith("bit") and name[:-3].rstrip("0123456789") == "faithful":
+            return "faithful", int(name[len("faithful"):-3])
+        return name, 8
 
     @staticmethod
     def compression_dir(dataset: str, model: str, attack: str, seed: int | str) -> str:
@@ -169,10 +194,10 @@ class CompressionPlan:
 
     def compression_train_params(self, wc: Any) -> dict[str, Any]:
         """The attack recipe of one model: the train block, its variant, the pruning keys, the dataset's lr drop."""
-        variant = wc.attack.rsplit("-", 1)[0]
+        variant, bits = self.compression_variant(wc.attack)
         prune = self.compress["prune"]
-        cfg = dict(self.compress["train"], variant=variant, prune_rate=prune["rate"], prune_lower=prune["lower"],
-                   prune_upper=prune["upper"], alpha=prune["alpha"])
+        cfg = dict(self.compress["train"], variant=variant, bits=bits, prune_rate=prune["rate"],
+                   prune_lower=prune["lower"], prune_upper=prune["upper"], alpha=prune["alpha"])
         by_dataset = self.compress.get("lr_drop_epoch_by_dataset", {})
         if wc.dataset in by_dataset:
             cfg["lr_drop_epoch"] = by_dataset[wc.dataset]
@@ -187,7 +212,10 @@ class CompressionPlan:
         if not c["enabled"] or dataset not in c["datasets"]:
             return []
         targets = c.get("targets_by_dataset", {}).get(dataset, c["targets"])
-        return [(c["model"], f"{v}-{t}", s) for v in c["variants"] for t in targets for s in range(c["seeds"])]
+        names = [f"faithful{b}bit" if v == "faithful" and b != 8 else v
+                 for v in c["variants"] for b in (c["bits"] if v == "faithful" else [8])]
+        models = [c["model"]] if isinstance(c["model"], str) else c["model"]
+        return [(m, f"{v}-{t}", s) for m in models for v in names for t in targets for s in range(c["seeds"])]
 
     def compression_eval_targets(self, dataset: str) -> list[str]:
         return [f"{self.compression_dir(dataset, m, a, s)}/evaluation.json"

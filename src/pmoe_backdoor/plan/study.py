@@ -28,7 +28,7 @@ class StudyPlan:
         self.config_layers = config_layers or []
         self.cwd = cwd or str(Path.cwd())
         self.datasets = list(config["datasets"])
-        self.models = list(config["models"])
+        self.models = list(config.get("study_models") or config["models"])  # those the main study trains
         self.triggers = list(config["attack"]["triggers"])
         self.rates = [fmt_rate(r) for r in config["attack"]["rates"]]
         self.attacks = [attack_name(t, r) for t in self.triggers for r in self.rates]

@@ -33,10 +33,20 @@ def _nc_score(summary: dict) -> float:
     return float(summary["max_low_anomaly_index"])
 
 
+# the compressions every row measures: result key, short label (the HTML headings), what it is (the caption)
+COMPRESSIONS = [
+    ("trained_bits", "as trained", "the authors' deployer at the bit width the model was attacked at (BN folded, "
+                                   "per-tensor weights, 8-bit activations calibrated on clean training images)"),
+    ("int8_faithful", "int8-a", "the authors' deployer at int8"),
+    ("int8_matched", "int8-m", "this project's W8A8 deployer (per-channel weights)"),
+    ("int4", "int4", "this project's weight-only int4"),
+]
+
+
 def row_sentence(r: dict) -> str:
     """What one row shows, in words, from its numbers."""
     fp32 = r["fp32_asr"]
-    compressed = {k: r[f"{k}_asr"] for k in ("int8_faithful", "int8_matched", "int4")}
+    compressed = {label: r[f"{key}_asr"] for key, label, _ in COMPRESSIONS if f"{key}_asr" in r}
     compressed.update({f"FP {rate:g} %": r[f"fp{rate:g}_asr"] for rate in r.get("fp_rates", [])})
     active = [k for k, v in compressed.items() if v >= ACTIVE_ASR]
     if fp32 > QUIET_ASR:
@@ -57,9 +67,11 @@ def compression_rows(eval_paths: Sequence[str], nc_paths: Sequence[str] = ()) ->
     for p in eval_paths:
         m = read_json(p)
         r = {"dataset": m["dataset"], "model": m["model"], "variant": m.get("variant", m["attack"].rsplit("-", 1)[0]),
-             "target": m["target"], "seed": m["seed"], "epoch": m.get("chosen_epoch"), "rule_met": m.get("rule_met")}
-        for name in ("fp32", "int8_faithful", "int8_matched", "int4"):
-            r[f"{name}_ba"], r[f"{name}_asr"] = m[name]["ba"], m[name]["asr"]
+             "bits": m.get("bits", 8), "target": m["target"], "seed": m["seed"], "epoch": m.get("chosen_epoch"),
+             "rule_met": m.get("rule_met")}
+        for name in ["fp32"] + [key for key, _, _ in COMPRESSIONS]:
+            if name in m:
+                r[f"{name}_ba"], r[f"{name}_asr"] = m[name]["ba"], m[name]["asr"]
         for name in ("int8_faithful", "int8_matched"):
             r[f"{name}_routing_flip"] = 100.0 * m[name].get("routing_flip_triggered", float("nan"))
         r["fp_rates"] = [f["rate"] for f in m.get("fine_pruning", [])]
@@ -72,6 +84,10 @@ def compression_rows(eval_paths: Sequence[str], nc_paths: Sequence[str] = ()) ->
         r["shows"] = row_sentence(r)
         rows.append(r)
     return rows
+
+
+def _variant_label(r: dict) -> str:
+    return f"{r['variant']} {r['bits']}-bit" if r["variant"] == "faithful" else r["variant"]
 
 
 def compression_table(eval_paths: Sequence[str], nc_paths: Sequence[str], clean_nc_paths: Sequence[str],
@@ -91,11 +107,11 @@ def compression_table(eval_paths: Sequence[str], nc_paths: Sequence[str], clean_
         auc = roc_auc(scores, clean.get(d, []))
         aucs.append(f"{d}: {num(auc, 2)} ({len(scores)} attack vs {len(clean.get(d, []))} clean models)")
     rates = sorted({rate for r in rows for rate in r["fp_rates"]})
-    header = (["Dataset", "Variant", "Target", "Seed", "Epoch", "fp32 BA", "fp32 ASR", "int8-f BA", "int8-f ASR",
-               "int8-m BA", "int8-m ASR", "int4 BA", "int4 ASR"]
-              + [h for rate in rates for h in (f"FP{rate:g} BA", f"FP{rate:g} ASR", f"FP{rate:g}+FT BA",
-                                               f"FP{rate:g}+FT ASR")]
-              + ["Flip int8-f %", "Flip int8-m %", "NC index", "NC flags target", "What it shows"])
+    keys = ["Dataset", "Model", "Variant", "Target", "Seed", "Epoch"]
+    released = [("fp32", "fp32")] + [(key, label) for key, label, _ in COMPRESSIONS]
+    pruning = [(f"fp{rate:g}{tag}", f"FP{rate:g}{'+FT' if tag else ''}") for rate in rates for tag in ("", "ft")]
+    header = (keys + [f"{label} {metric}" for _, label in released + pruning for metric in ("BA", "ASR")]
+              + ["Flip int8-a %", "Flip int8-m %", "NC index", "NC flags target", "What it shows"])
 
     def cell(r: dict, key: str) -> str:
         v = r.get(key)
@@ -104,35 +120,36 @@ def compression_table(eval_paths: Sequence[str], nc_paths: Sequence[str], clean_
     body = []
     for r in rows:
         epoch = "–" if r["epoch"] is None else f"{r['epoch']}" + ("" if r["rule_met"] else " (rule not met)")
-        body.append([r["dataset"], r["variant"], str(r["target"]), str(r["seed"]), epoch]
-                    + [cell(r, f"{n}_{k}") for n in ("fp32", "int8_faithful", "int8_matched", "int4")
-                       for k in ("ba", "asr")]
-                    + [cell(r, f"fp{rate:g}{tag}_{k}") for rate in rates for tag in ("", "ft") for k in ("ba", "asr")]
+        body.append([r["dataset"], r["model"], _variant_label(r), str(r["target"]), str(r["seed"]), epoch]
+                    + [cell(r, f"{key}_{k}") for key, _ in released + pruning for k in ("ba", "asr")]
                     + [cell(r, "int8_faithful_routing_flip"), cell(r, "int8_matched_routing_flip"),
                        "–" if np.isnan(r["nc_score"]) else num(r["nc_score"], 2),
                        "–" if r["nc_flagged"] is None else ("yes" if r["nc_flagged"] else "no"), r["shows"]])
-    title = ("Compression-activated backdoors (Tian et al.'s attack on the pMoE): BA / ASR (%) of the released fp32 "
-             "model, as int8 (f: per-tensor W8, the authors' faithful scheme; m: this project's W8A8 deployer), int4, "
-             "and after Fine-Pruning (FP r: pruning alone; +FT: then fine-tuned on clean data); share of top-k "
-             "routing positions that flip between fp32 and int8 on triggered test images; Neural Cleanse on the "
-             "released model (largest anomaly index among small-mask classes; flags target: flagged class is the "
-             "target). ROC-AUC of that index, attack vs clean models: " + "; ".join(aucs))
-    write_table(header, body, title, out_md, out_tex, out_html, _html_layout(header, rates))
+    described = "; ".join(f"{label}: {what}" for _, label, what in COMPRESSIONS)
+    title = ("Compression-activated backdoors (Tian et al.'s attack): BA / ASR (%) of the released fp32 model and "
+             f"as the victim compresses it ({described}), and after Fine-Pruning (FP r: pruning alone; +FT: then "
+             "fine-tuned on clean data; pMoE only); share of top-k routing positions that flip between fp32 and "
+             "int8 on triggered test images (pMoE only); Neural Cleanse on the released model (largest anomaly "
+             "index among small-mask classes; flags target: flagged class is the target). ROC-AUC of that index, "
+             "attack vs clean models: " + "; ".join(aucs))
+    write_table(header, body, title, out_md, out_tex, out_html, _html_layout(keys, released, pruning))
     return df
 
 
-def _html_layout(header: Sequence[str], rates: Sequence[float]) -> HtmlLayout:
+def _html_layout(keys: Sequence[str], released: Sequence[tuple[str, str]], pruning: Sequence[tuple[str, str]]
+                 ) -> HtmlLayout:
     """The page: each model's BA and ASR under a heading per compression, and Fine-Pruning in a table of its own
     (with three rates the table has some 30 columns, twice as wide as a browser window)."""
-    compressions = ["fp32", "int8-f", "int8-m", "int4"] + [f"FP{r:g}{tag}" for r in rates for tag in ("", "+FT")]
-    labels = header[:5] + [(c, metric) for c in compressions for metric in ("BA", "ASR")] \
-        + [("routing flip %", "int8-f"), ("routing flip %", "int8-m"), ("Neural Cleanse", "index"),
-           ("Neural Cleanse", "flags target"), header[-1]]
-    keys, fine_pruning = list(range(4)), list(range(13, 13 + 4 * len(rates)))
-    if not rates:
+    n_keys, n_released, n_pruning = len(keys), 2 * len(released), 2 * len(pruning)
+    labels = list(keys) + [(label, metric) for _, label in list(released) + list(pruning) for metric in ("BA", "ASR")] \
+        + [("routing flip %", "int8-a"), ("routing flip %", "int8-m"), ("Neural Cleanse", "index"),
+           ("Neural Cleanse", "flags target"), "What it shows"]
+    if not pruning:
         return HtmlLayout(header=labels)
-    released = [i for i in range(4, len(header)) if i not in fine_pruning]
+    key_columns = list(range(n_keys - 1))  # the epoch goes with the released model's part only
+    fine_pruning = list(range(n_keys + n_released, n_keys + n_released + n_pruning))
+    released_part = [i for i in range(n_keys - 1, len(labels)) if i not in fine_pruning]
     return HtmlLayout(header=labels, parts=[
-        ("Released (fp32) and compressed", keys + released),
+        ("Released (fp32) and compressed", key_columns + released_part),
         ("After Fine-Pruning at r % (FP r: pruning alone; FP r+FT: then fine-tuned on clean data)",
-         keys + fine_pruning)])
+         key_columns + fine_pruning)])

@@ -1,7 +1,8 @@
-"""Model merging against backdoors on pMoEs: weight averaging (WAG) and the Module-Switching Defense
-(MSD, Li et al., ICLR 2026).
+"""Model merging against backdoors on pMoEs (and on PreAct-ResNet-18, the control architecture): weight averaging
+(WAG) and the Module-Switching Defense (MSD, Li et al., ICLR 2026).
 
-- :mod:`.slots`: the 17 module slots, the adjacency table, the state-dict-to-slot map;
+- :mod:`.slots`: the module slots and adjacency of each architecture (the pMoE's 17, PreAct-ResNet-18's 21), the
+  state-dict-to-slot map;
 - :mod:`.fitness`: the MSD fitness of strategies (vectorised, each term switchable; the function
   ``fitness.fitness`` is not re-exported here, so ``merging.fitness`` stays the module);
 - :mod:`.search`: exhaustive (N = 2) and evolutionary (N >= 3) search, strategy files;
@@ -25,7 +26,7 @@ from .search import (
     search_strategy,
 )
 from .selection import InversionConfig, holdout_split, select_candidate, suspect_class
-from .slots import NUM_SLOTS, SLOT_NAMES, slot_parts, slot_tensors
+from .slots import NUM_SLOTS, SLOT_NAMES, TABLES, SlotTable, slot_parts, slot_table, slot_tensors, table_of
 
 __all__ = [
     "FINETUNE_DEFAULTS", "finetune_config", "finetune_copy",
@@ -34,5 +35,5 @@ __all__ = [
     "EvolutionConfig", "Strategy", "evolutionary_search", "exhaustive_search", "load_strategy", "save_strategy",
     "search_strategy",
     "InversionConfig", "holdout_split", "select_candidate", "suspect_class",
-    "NUM_SLOTS", "SLOT_NAMES", "slot_parts", "slot_tensors",
+    "NUM_SLOTS", "SLOT_NAMES", "TABLES", "SlotTable", "slot_parts", "slot_table", "slot_tensors", "table_of",
 ]

@@ -7,6 +7,10 @@ fine-tuning use that held-out set, all of it; the reported metrics are on the re
 selection. The study's own Fine-Pruning (jobs/defense.py) fine-tunes on the training set instead, so the two are
 not the same defense budget: with 50 images per class, ``fine_pruning.epochs`` epochs are only a few SGD steps
 (recorded as ``finetune_steps``).
+
+Fine-Pruning ranks and prunes the pMoE's expert channels, so it applies to merged pMoEs only: for a merging model
+without prunable expert channels (PreAct-ResNet-18) the plan gives no prune rates and the merged models are only
+deployed; :func:`fine_prune_merged` refuses such a model if it is given rates anyway.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.nn as nn
 
 from ...deployment.quantize import DEPLOY_PRECISIONS, quantize_model
 from ...evaluate import evaluate, predict_logits
+from ...models.architectures import PMoENet
 from ...runtime import derived_seed
 from ...training.loop import TrainConfig, fit
 from ..fine_pruning import channels_to_prune, expert_channel_means, prune_experts, remove_masks
@@ -84,6 +89,10 @@ def fine_prune_merged(model: nn.Module, x_clean: torch.Tensor, y_clean: torch.Te
     check_defense_config([], prune_rates, fp_cfg)
     if not prune_rates:
         return []
+    if not isinstance(model, PMoENet):
+        raise ValueError(f"fine_pruning.prune_rates {list(prune_rates)}: Fine-Pruning of merged models ranks expert "
+                         f"channels, which a {type(model).__name__} does not have (merging.model must be a pmoe "
+                         "model to Fine-Prune its merged models)")
     means = expert_channel_means(model, x_clean, device=device)  # the ranking does not depend on the rate
     cfg = TrainConfig.from_dict(dict(train_cfg, epochs=fp_cfg["epochs"], lr=fp_cfg["lr"], eval_every=0,
                                      seed=derived_seed(seed, "merged-fp-shuffle")))

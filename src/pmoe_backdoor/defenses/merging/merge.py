@@ -1,7 +1,8 @@
-"""Merging homologous pMoEs: weight averaging (WAG, Arora et al.) and module switching by a strategy (MSD).
+"""Merging homologous models: weight averaging (WAG, Arora et al.) and module switching by a strategy (MSD).
 
 Both work on state dicts and return a new model (a deep copy of the first model with the merged state), leaving
-the inputs untouched. Models must be homologous: the same architecture, so the same keys and shapes.
+the inputs untouched. Models must be homologous: the same architecture, so the same keys and shapes. WAG takes
+any architecture; module switching one with a slot table (:mod:`.slots`: the pMoE, PreAct-ResNet-18).
 
 Candidates: a strategy assigns slots to roles 0..N-1; a candidate is one assignment of the N victims to those
 roles. ``roles="cyclic"`` (default) gives the N cyclic shifts (role r played by model (r + k) mod N), so every
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .search import Strategy
-from .slots import NUM_SLOTS, slot_parts
+from .slots import SlotTable, slot_parts, slot_table, table_of
 
 ROLES = ("cyclic", "all")
 
@@ -57,10 +58,14 @@ def wag_merge(models: Sequence[nn.Module]) -> nn.Module:
     return _with_state(models[0], out)
 
 
-def _assignment(strategy: Strategy | Sequence[int], num_models: int) -> tuple[int, ...]:
+def _assignment(strategy: Strategy | Sequence[int], num_models: int, table: SlotTable) -> tuple[int, ...]:
     assignment = tuple(strategy.assignment if isinstance(strategy, Strategy) else (int(v) for v in strategy))
-    if len(assignment) != NUM_SLOTS:
-        raise ValueError(f"a strategy assigns each of the {NUM_SLOTS} slots a model; got {len(assignment)}")
+    if isinstance(strategy, Strategy) and strategy.architecture != table.architecture:
+        raise ValueError(f"the strategy is for the {strategy.architecture} architecture, the models are "
+                         f"{table.architecture}")
+    if len(assignment) != table.num_slots:
+        raise ValueError(f"a strategy assigns each of the {table.num_slots} slots of {table.architecture} a model; "
+                         f"got {len(assignment)}")
     if isinstance(strategy, Strategy) and strategy.num_models != num_models:
         raise ValueError(f"the strategy is for {strategy.num_models} models, {num_models} were given")
     if min(assignment) < 0 or max(assignment) >= num_models:
@@ -70,10 +75,10 @@ def _assignment(strategy: Strategy | Sequence[int], num_models: int) -> tuple[in
 
 @torch.no_grad()
 def merge_by_strategy(models: Sequence[nn.Module], strategy: Strategy | Sequence[int]) -> nn.Module:
-    """A model whose every slot holds exactly the tensors of its assigned source (fused router and expert
-    layers by rows, see :func:`.slots.slot_parts`)."""
+    """A model whose every slot holds exactly the tensors of its assigned source (the pMoE's fused router and
+    expert layers by rows, see :func:`.slots.slot_parts`)."""
     states = _states(models)
-    assignment = _assignment(strategy, len(models))
+    assignment = _assignment(strategy, len(models), table_of(models[0]))
     out = {k: v.clone() for k, v in states[0].items()}
     for part in slot_parts(models[0]):
         src = states[assignment[part.slot]][part.key]
@@ -85,15 +90,19 @@ def merge_by_strategy(models: Sequence[nn.Module], strategy: Strategy | Sequence
 
 
 def candidate_assignments(strategy: Strategy | Sequence[int], num_models: int | None = None,
-                          roles: str = "cyclic") -> list[tuple[str, tuple[int, ...]]]:
+                          roles: str = "cyclic", architecture: str | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """``[(name, assignment)]``: the strategy with its roles given to the models in each admissible way.
 
     The name lists the model playing role 0, 1, ...: ``M_01`` is the strategy as found, ``M_10`` the swap.
+    ``architecture``: the slot table a plain sequence is written in (a Strategy carries its own; the pMoE's when
+    neither says).
     """
     if roles not in ROLES:
         raise ValueError(f"roles must be one of {ROLES}, got {roles!r}")
     n = num_models or (strategy.num_models if isinstance(strategy, Strategy) else max(strategy) + 1)
-    base = _assignment(strategy, n)
+    if architecture is None and isinstance(strategy, Strategy):
+        architecture = strategy.architecture
+    base = _assignment(strategy, n, slot_table(architecture))
     perms = ([tuple((r + k) % n for r in range(n)) for k in range(n)] if roles == "cyclic"
              else list(itertools.permutations(range(n))))
     sep = "" if n <= 10 else "-"

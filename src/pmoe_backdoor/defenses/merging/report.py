@@ -11,7 +11,6 @@ import pandas as pd
 from ...io import read_json
 from ...reporting.tables import HtmlLayout, pm, write_csv, write_table
 from .search import load_strategy
-from .slots import SLOT_NAMES
 
 METHODS = ("victims", "WAG", "MSD (oracle)", "MSD (selected)")
 
@@ -103,6 +102,9 @@ def merged_defense_table(paths: Sequence[str], out_csv: str, out_md: str, out_te
              "std over seeds; int8 / int4: simulated post-training quantization; pruned / fine-pruned r %: the "
              f"lowest r % of each expert's channels zeroed, then fine-tuned on the {fp['images']} held-out clean "
              "images only")
+    if "skipped" in fp:  # a merging model without expert channels is only deployed
+        title = title.replace(", deployed and Fine-Pruned:", ", deployed:").split("; pruned / fine-pruned")[0]
+        title += f"; not Fine-Pruned: {fp['skipped']}"
     labels = header[:5] + [(m, v) for m in DEFENDED for v in ("CACC", "ASR")]
     write_table(header, body, title, out_md, out_tex, out_html, HtmlLayout(header=labels))
     return summary
@@ -114,17 +116,23 @@ def strategy_figure(strategy_paths: Sequence[str], labels: Sequence[str], out_pn
 
     plt = _plt()
     strategies = [load_strategy(p) for p in strategy_paths]
+    architectures = sorted({s.architecture for s in strategies})
+    if len(architectures) > 1:  # one row of slot labels serves one architecture only
+        raise ValueError(f"strategy_figure: the strategies are for different architectures {architectures}")
+    names = strategies[0].table.names if strategies else ()
     grid = np.array([s.assignment for s in strategies], dtype=float)
-    fig, ax = plt.subplots(figsize=(11, 0.6 + 0.55 * len(strategies)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(11.0, 2.5 + 0.5 * len(names)), 0.6 + 0.55 * len(strategies)),
+                           layout="constrained")
     n_max = int(grid.max()) + 1 if grid.size else 1
     cmap = plt.get_cmap("tab10", max(n_max, 2))
     ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=max(n_max, 2) - 0.5, aspect="auto")
     for i, s in enumerate(strategies):
         for j, src in enumerate(s.assignment):
             ax.text(j, i, str(src), ha="center", va="center", color="white", fontsize=9)
-    ax.set_xticks(range(len(SLOT_NAMES)), SLOT_NAMES, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(strategies)), [f"{lab} (F = {s.fitness:.2f})" for lab, s in zip(labels, strategies)],
                   fontsize=8)
-    ax.set_title("MSD strategies: the source model of each module slot", fontsize=10)
+    arch = f" ({architectures[0]})" if architectures and architectures[0] != "pmoe" else ""
+    ax.set_title(f"MSD strategies{arch}: the source model of each module slot", fontsize=10)
     _savefig(fig, out_png)
     plt.close(fig)

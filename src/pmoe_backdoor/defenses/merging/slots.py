@@ -1,8 +1,23 @@
-"""The 17 module slots of a pMoE and the adjacency the MSD fitness reads (Module-Switching Defense).
+"""The module slots of each architecture merging supports, and the adjacency the MSD fitness reads
+(Module-Switching Defense, Li et al.).
 
 A slot is a unit that module switching takes whole from one source model. A slot carries the BatchNorm in front
-of its conv (weights and running statistics). At the default depth (one PreActBlock per trunk group, four
-experts) the count is
+of its conv (weights and running statistics). An architecture's slots and adjacency form a :class:`SlotTable`;
+:func:`table_of` picks the table of a model, :func:`slot_table` the table of an architecture name (the
+``arch`` of the model registry), which is what a strategy file records.
+
+The adjacency follows three rules, the same for both architectures:
+- siblings: the modules of one block (conv1, conv2 and the shortcut conv; for the pMoE also each router with its
+  own expert and neighbouring experts);
+- consecutive: b reads a's output directly (no weight module in between);
+- residual: b reads a's output through one or more shortcuts (identity or 1x1 conv), skipping the conv branch of
+  the blocks in between; weight 0.5 ** d, d = the stage distance. Every residual pair spans at least two stages;
+  distance-1 flows are consecutive pairs.
+Each pair is counted once (in the pMoE's table, on the row of its earlier slot). The trunk rows of that table are what
+:func:`residual_chain` derives for its two blocks (tests/test_merging.py checks this), and the PreAct-ResNet-18
+table is derived by that function from its eight blocks.
+
+pMoE (``models.PMoENet``, 17 slots). At the default depth (one PreActBlock per trunk group, four experts):
 
     stem (1) + group 1: bn1+conv1, bn2+conv2, shortcut (3) + group 2: the same (3) + pre-MoE: pre_bn+pre_conv (1)
     + router 1..4 (4) + expert 1..4 (4) + head: BN + linear (1) = 17.
@@ -18,24 +33,43 @@ Fused tensors are split by rows (dim 0): router e is row e-1 of ``moe.router.wei
 the rows ``PatchMoE.expert_slice(e-1)`` of ``moe.expert_conv`` (weight and bias). The fused BN's single
 ``num_batches_tracked`` counter belongs to no expert in particular; by convention it goes with expert 1.
 
-THE TABLE (the only place the adjacency is written). Each pair is listed once, on the row of its earlier slot.
+THE TABLE of the pMoE (the only place its adjacency is written).
 - siblings: the three modules of a trunk group; each router with its own expert; neighbouring experts (e, e+1,
   not cyclic);
-- consecutive: b reads a's output directly (no weight module in between): stem -> group 1, group 1 -> group 2,
-  group 2 -> pre-MoE, pre-MoE -> every router and expert, every expert -> head (conv1 -> conv2 inside a block and
-  router -> expert are siblings, not consecutive);
-- residual: b reads a's output through one or more shortcuts, skipping the conv branch of the blocks in between;
-  weight 0.5 ** d, d = the stage distance (stages: stem 0, group 1 1, group 2 2, pre-MoE 3, MoE 4, head 5).
-  Every residual pair spans at least two stages; distance-1 flows are consecutive pairs.
+- consecutive: stem -> group 1, group 1 -> group 2, group 2 -> pre-MoE, pre-MoE -> every router and expert, every
+  expert -> head (conv1 -> conv2 inside a block and router -> expert are siblings, not consecutive);
+- residual: stages stem 0, group 1 1, group 2 2, pre-MoE 3, MoE 4, head 5.
+
+PreAct-ResNet-18 (``models.controls.PreActResNet18``, 21 slots): stem, then per block b1..b8 its bn1+conv1
+(``bK.conv1``), its bn2+conv2 (``bK.conv2``) and, where it has one, its 1x1 shortcut conv (``bK.shortcut``), then
+the head's fc (there is no BN after the last block in this implementation, so the head is the Linear alone):
+
+    stem (1) + 8 blocks x (conv1, conv2) (16) + shortcuts of b3, b5, b7 (3) + head (1) = 21.
+
+Which blocks have a shortcut conv does not depend on the width (only the first block of stages 2..4 changes stride
+and channels; the first block of stage 1 maps the stem's width to itself), so neither does the table; a model
+whose shortcuts differ from it is refused. Stages: stem 0, block k k, head 9, so a residual distance counts the
+blocks skipped. The rows, as :func:`residual_chain` derives them:
+- siblings: (conv1, conv2) of every block, and (conv1, shortcut), (conv2, shortcut) of b3, b5, b7. Here the
+  shortcut conv reads the block's bn1 output (in the conv1 slot), so conv1 and the shortcut share an input;
+- consecutive: whatever wrote a block's input directly (the stem, or the previous block's conv2 and shortcut)
+  with the block's readers (its conv1 and shortcut); the last block's conv2 with the head;
+- residual: whatever reached a block's input through earlier shortcuts with the block's readers, d = stage
+  difference (e.g. stem -> b2.conv1 at 2 through b1's identity, stem -> head at 9, b8's inputs -> head).
+
+Li et al.'s code (github.com/weijun-l/module-switching-defense) was not reachable from here, so how it cuts a
+ResNet into modules was not checked; the rules above are the paper's, applied as the pMoE's table applies them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch.nn as nn
 
 from ...models.architectures import PMoENet
+from ...models.controls import PreActResNet18
 
 TABLE = """
 slot         type      stage  siblings               consecutive                          residual
@@ -81,6 +115,75 @@ def _parse(table: str):
     return tuple(slots), tuple(siblings), tuple(consecutive), tuple(residual)
 
 
+@dataclass(frozen=True)
+class SlotTable:
+    """The slots of one architecture in strategy order (name, type, stage), the three kinds of pairs, and the
+    router / expert slots that a coupled strategy moves together (none for an architecture without routers)."""
+
+    architecture: str
+    names: tuple[str, ...]
+    types: tuple[str, ...]
+    stages: tuple[int, ...]
+    siblings: tuple[tuple[str, str], ...]
+    consecutive: tuple[tuple[str, str], ...]
+    residual: tuple[tuple[str, str, int], ...]
+    routers: tuple[int, ...] = ()
+    experts: tuple[int, ...] = ()
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "index", {name: i for i, name in enumerate(self.names)})
+        if len(self.index) != len(self.names) or not len(self.names) == len(self.types) == len(self.stages):
+            raise ValueError(f"{self.architecture}: slot names must be unique and have one type and stage each")
+        unknown = {s for p in self.siblings + self.consecutive + self.residual for s in p[:2]} - set(self.names)
+        if unknown:
+            raise ValueError(f"{self.architecture}: pairs name unknown slots {sorted(unknown)}")
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.names)
+
+    def slot(self, slot: int | str) -> int:
+        return self.index[slot] if isinstance(slot, str) else int(slot)
+
+
+def _from_rows(architecture: str, rows, siblings, consecutive, residual, routers=(), experts=()) -> SlotTable:
+    names, types, stages = (tuple(col) for col in zip(*rows))
+    return SlotTable(architecture, names, types, stages, tuple(siblings), tuple(consecutive), tuple(residual),
+                     tuple(routers), tuple(experts))
+
+
+def residual_chain(blocks: Sequence[tuple[str, bool]], first: str = "stem", last: str = "head"):
+    """(rows, siblings, consecutive, residual) of ``first``, a chain of pre-activation blocks and ``last``.
+
+    ``blocks``: (name, has a shortcut slot) per block, each block holding the slots ``name.conv1``, ``name.conv2``
+    and, when it has a shortcut slot, ``name.shortcut``. A block's readers are its conv1 and shortcut; its output is
+    written directly by its conv2 and shortcut, and reaches on (through the shortcut, identity or conv) whatever
+    reached its input. ``first`` has stage 0, block k stage k, ``last`` stage len(blocks) + 1.
+    """
+    rows = [(first, first, 0)]
+    siblings, consecutive, residual = [], [], []
+    direct, through_shortcuts = [(first, 0)], []  # who writes the current map, and at which stage
+
+    def read(readers: list[str], stage: int) -> None:
+        consecutive.extend((w, r) for w, _ in direct for r in readers)
+        residual.extend((w, r, stage - s) for w, s in through_shortcuts for r in readers)
+
+    for stage, (name, has_shortcut) in enumerate(blocks, 1):
+        conv1, conv2, shortcut = f"{name}.conv1", f"{name}.conv2", f"{name}.shortcut"
+        rows += [(conv1, "conv1", stage), (conv2, "conv2", stage)] + ([(shortcut, "shortcut", stage)]
+                                                                       if has_shortcut else [])
+        siblings += [(conv1, conv2)] + ([(conv1, shortcut), (conv2, shortcut)] if has_shortcut else [])
+        read([conv1] + ([shortcut] if has_shortcut else []), stage)
+        through_shortcuts = through_shortcuts + direct
+        direct = [(conv2, stage)] + ([(shortcut, stage)] if has_shortcut else [])
+    rows.append((last, last, len(blocks) + 1))
+    read([last], len(blocks) + 1)
+    return rows, siblings, consecutive, residual
+
+
+# ----- the pMoE -----
+
 _SLOTS, SIBLING_PAIRS, CONSECUTIVE_PAIRS, RESIDUAL_PAIRS = _parse(TABLE)
 SLOT_NAMES: tuple[str, ...] = tuple(s[0] for s in _SLOTS)
 SLOT_TYPES: tuple[str, ...] = tuple(s[1] for s in _SLOTS)
@@ -89,8 +192,9 @@ NUM_SLOTS = len(SLOT_NAMES)
 SLOT_INDEX = {name: i for i, name in enumerate(SLOT_NAMES)}
 ROUTERS = tuple(SLOT_INDEX[f"router{e}"] for e in range(1, NUM_EXPERTS + 1))
 EXPERTS = tuple(SLOT_INDEX[f"expert{e}"] for e in range(1, NUM_EXPERTS + 1))
+PMOE = _from_rows("pmoe", _SLOTS, SIBLING_PAIRS, CONSECUTIVE_PAIRS, RESIDUAL_PAIRS, ROUTERS, EXPERTS)
 
-# state-dict prefixes of the whole-tensor slots (the fused router and expert layers are split in slot_parts)
+# state-dict prefixes of the whole-tensor slots (the fused router and expert layers are split in _pmoe_parts)
 _PREFIXES = {
     "trunk.stem.": "stem",
     "trunk.group1.bn1.": "g1.conv1", "trunk.group1.conv1.": "g1.conv1",
@@ -103,6 +207,38 @@ _PREFIXES = {
     "head.": "head",
 }
 
+# ----- PreAct-ResNet-18 -----
+
+# two blocks per stage; only the first block of stages 2..4 (stride 2, twice the channels) has a shortcut conv
+PREACT_RESNET18_SHORTCUTS = (False, False, True, False, True, False, True, False)
+PREACT_RESNET18 = _from_rows("preact_resnet18", *residual_chain(
+    [(f"b{k}", has) for k, has in enumerate(PREACT_RESNET18_SHORTCUTS, 1)]))
+
+
+def _preact_resnet18_prefixes() -> dict[str, str]:
+    prefixes = {"stem.": "stem", "head.": "head"}
+    for k in range(1, len(PREACT_RESNET18_SHORTCUTS) + 1):
+        block = f"blocks.{k - 1}."
+        prefixes.update({block + "bn1.": f"b{k}.conv1", block + "conv1.": f"b{k}.conv1",
+                         block + "bn2.": f"b{k}.conv2", block + "conv2.": f"b{k}.conv2",
+                         block + "shortcut.": f"b{k}.shortcut"})
+    return prefixes
+
+
+TABLES: dict[str, SlotTable] = {t.architecture: t for t in (PMOE, PREACT_RESNET18)}
+_MODEL_CLASSES = {PMoENet: PMOE, PreActResNet18: PREACT_RESNET18}
+_PREFIXES_OF = {"pmoe": _PREFIXES, "preact_resnet18": _preact_resnet18_prefixes()}
+
+
+def slot_table(architecture: str | SlotTable | None = None) -> SlotTable:
+    """The table of an architecture name (the registry's ``arch``; None: the pMoE's), or the table itself."""
+    if isinstance(architecture, SlotTable):
+        return architecture
+    name = "pmoe" if architecture is None else architecture
+    if name not in TABLES:
+        raise ValueError(f"module switching has no slot table for architecture {name!r} (known: {sorted(TABLES)})")
+    return TABLES[name]
+
 
 @dataclass(frozen=True)
 class SlotPart:
@@ -112,20 +248,36 @@ class SlotPart:
     rows: slice | None = None
 
 
-def check_architecture(model: nn.Module) -> PMoENet:
-    if not isinstance(model, PMoENet):
-        raise TypeError(f"module switching is defined for the pmoe architecture, got {type(model).__name__}")
-    if model.moe.num_experts != NUM_EXPERTS:
+def table_of(model: nn.Module) -> SlotTable:
+    """The slot table of ``model``'s architecture; refuses a model the table does not describe."""
+    table = next((t for cls, t in _MODEL_CLASSES.items() if isinstance(model, cls)), None)
+    if table is None:
+        raise TypeError(f"module switching is defined for the architectures {sorted(TABLES)}, "
+                        f"got {type(model).__name__}")
+    if table is PMOE and model.moe.num_experts != NUM_EXPERTS:
         raise ValueError(f"the slot table is written for {NUM_EXPERTS} experts, the model has {model.moe.num_experts}")
+    if table is PREACT_RESNET18:
+        shortcuts = tuple(block.shortcut is not None for block in model.blocks)
+        if shortcuts != PREACT_RESNET18_SHORTCUTS:
+            raise ValueError(f"the slot table is written for shortcut convs in blocks "
+                             f"{_blocks_with(PREACT_RESNET18_SHORTCUTS)}, the model has them in "
+                             f"{_blocks_with(shortcuts)}")
+    return table
+
+
+def _blocks_with(shortcuts: Sequence[bool]) -> list[int]:
+    return [k for k, has in enumerate(shortcuts, 1) if has]
+
+
+def check_architecture(model: nn.Module) -> PMoENet:
+    """``model`` if it is a pMoE the pMoE table describes (merging code reads :func:`table_of`)."""
+    if table_of(model) is not PMOE:
+        raise TypeError(f"expected the pmoe architecture, got {type(model).__name__}")
     return model
 
 
-def slot_parts(model: nn.Module) -> list[SlotPart]:
-    """Every state-dict entry of ``model`` (fused router/expert entries split by rows) mapped to one slot.
-
-    Raises on an entry the table does not know, so a changed architecture cannot be merged silently wrong.
-    """
-    moe = check_architecture(model).moe
+def _pmoe_parts(model: PMoENet) -> list[SlotPart]:
+    moe = model.moe
     c_in, c_out = moe.in_channels, moe.expert_channels
     parts: list[SlotPart] = []
     for key in model.state_dict():
@@ -138,16 +290,32 @@ def slot_parts(model: nn.Module) -> list[SlotPart]:
         elif key.startswith("moe.expert_conv."):
             parts += [SlotPart(key, EXPERTS[e], slice(e * c_out, (e + 1) * c_out)) for e in range(NUM_EXPERTS)]
         else:
-            slot = next((s for p, s in _PREFIXES.items() if key.startswith(p)), None)
-            if slot is None:
-                raise ValueError(f"state-dict entry {key!r} belongs to no module slot")
-            parts.append(SlotPart(key, SLOT_INDEX[slot]))
+            parts.append(_whole(key, PMOE))
     return parts
+
+
+def _whole(key: str, table: SlotTable) -> SlotPart:
+    slot = next((s for p, s in _PREFIXES_OF[table.architecture].items() if key.startswith(p)), None)
+    if slot is None:
+        raise ValueError(f"state-dict entry {key!r} belongs to no module slot of {table.architecture}")
+    return SlotPart(key, table.index[slot])
+
+
+def slot_parts(model: nn.Module) -> list[SlotPart]:
+    """Every state-dict entry of ``model`` (the pMoE's fused router/expert entries split by rows) mapped to one slot
+    of its architecture's table.
+
+    Raises on an entry the table does not know, so a changed architecture cannot be merged silently wrong.
+    """
+    table = table_of(model)
+    if table is PMOE:
+        return _pmoe_parts(model)
+    return [_whole(key, table) for key in model.state_dict()]
 
 
 def slot_tensors(model: nn.Module, slot: int | str) -> dict[str, object]:
     """The tensors (or row slices of fused tensors) of one slot, keyed ``key`` or ``key[start:stop]``."""
-    index = SLOT_INDEX[slot] if isinstance(slot, str) else int(slot)
+    index = table_of(model).slot(slot)
     state = model.state_dict()
     out = {}
     for part in slot_parts(model):
