@@ -217,7 +217,7 @@ def test_ica_reduction_runs_and_is_seeded():
 
 
 def test_schema_defaults_are_the_faithful_rules():
-    assert schema_defaults("activation_clustering")["rule"] == "exclusionary"
+    assert schema_defaults("activation_clustering")["rule"] == "size"
     assert schema_defaults("strip")["threshold"] == "normal" and schema_defaults("strip")["overlays"] == 100
     assert schema_defaults("spectral_signatures")["epsilon"] == 0.1
     assert schema_defaults("neural_cleanse")["budget"] == "fast"

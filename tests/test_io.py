@@ -38,3 +38,13 @@ def test_outputs_get_0666_less_the_umask(tmp_path, umask, mask):
     for name in ("a.json", "w.safetensors", "d.npz"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "d.npz", "plain.txt", "w.safetensors"]
+
+
+def test_a_file_without_tensors_reads_back_empty_with_its_metadata(tmp_path):
+    """safetensors alone writes an unreadable header for zero tensors (a defense without artifacts leaves one)."""
+    from pmoe_backdoor.io import load_tensors
+
+    save_tensors(tmp_path / "none.safetensors", {}, {"reason": "no artifacts"})
+    assert load_tensors(tmp_path / "none.safetensors") == ({}, {"reason": "no artifacts"})
+    save_tensors(tmp_path / "bare.safetensors", {})
+    assert load_tensors(tmp_path / "bare.safetensors") == ({}, {})

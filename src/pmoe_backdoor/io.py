@@ -70,11 +70,18 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+EMPTY_MARKER = "__no_tensors__"
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, Any] | None = None) -> None:
     """Save tensors (and JSON-able metadata) as safetensors, atomically."""
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if EMPTY_MARKER in tensors:
+        raise ValueError(f"{path}: the tensor name {EMPTY_MARKER!r} is reserved")
+    if not tensors:  # safetensors writes an unreadable header for no tensors: a placeholder that loading drops
+        tensors = {EMPTY_MARKER: torch.zeros(0)}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -97,7 +104,7 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         # one opening for the tensors and the metadata, so both come from the same version of the file
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys() if key != EMPTY_MARKER}
     except Exception as exc:  # SafetensorError for a damaged file, OSError for an unreadable one, ...
         raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     meta = {}

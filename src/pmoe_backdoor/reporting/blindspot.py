@@ -143,8 +143,9 @@ def blindspot_table(defense_paths: Sequence[str], deployed_paths: Sequence[str],
              "target (label-level defenses); mean ± std over seeds; ASR and BA of the undefended model at that "
              f"precision; the paper's claim for {paper_name} (INT8 = dynamic quantization) and whether ours agrees. "
              "Departures from the defenses' papers: Neural Cleanse's default budget is this project's short one "
-             "(budget: original is Wang et al.'s); Activation Clustering reclassifies by nearest class mean on the "
-             "model's features instead of retraining, on PCA scores instead of ICA; Spectral Signatures' and "
+             "(budget: original is Wang et al.'s); Activation Clustering calls a cluster by its relative size (Chen et "
+             "al.'s size rule, not their exclusionary reclassification, which retrains the network) on PCA scores "
+             "instead of ICA; Spectral Signatures' and "
              "Activation Clustering's model verdicts (a MAD outlier rule across labels; any label flagged) are this "
              "project's, and the CSV gives Spectral Signatures' poison recall beside random removal's")
     # the page names each precision as the figure does, its description in the glossary: written out in every row,
