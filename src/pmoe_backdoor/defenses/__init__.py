@@ -9,7 +9,9 @@ of this package holding
   ``name`` (the ``{defense}`` wildcard and its config block's key), ``title`` (in tables), ``level`` (``input``:
   decides per test input; ``data``: inspects the training set; ``model``: inspects or repairs the model), and
   optionally ``on_clean_models`` (default true: its flags on clean models are false positives; false for a defense
-  that removes a backdoor rather than detecting one) and ``artifacts`` (tensors it leaves beside its summary);
+  that removes a backdoor rather than detecting one), ``artifacts`` (tensors it leaves beside its summary) and
+  ``needs`` (a model capability of :class:`pmoe_backdoor.models.ModelKind`, e.g. ``routing``: the plan runs it only
+  on models that have it);
 - ``run(ctx: DefenseContext) -> DefenseResult``.
 
 Adding a defense: that module, its config block in config/schema.yaml (``default: {}`` with its keys' defaults), and
@@ -21,10 +23,11 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..models import ModelKind
 from ..registry import Registry
 
 SCHEMA = Path(__file__).resolve().parents[3] / "config" / "schema.yaml"
@@ -35,6 +38,8 @@ if TYPE_CHECKING:  # the types of what the job hands a defense; imported only by
     from ..jobs.common import JobData, RunId
 
 LEVELS = ("input", "data", "model")
+# what a defense may need of a model: the ModelKind flags (routing, module_slots, prunable_channels)
+CAPABILITIES = tuple(f.name for f in fields(ModelKind) if f.name not in ("name", "builder"))
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class DefenseSpec:
     module: str
     on_clean_models: bool = True
     artifacts: bool = False
+    needs: str | None = None  # a ModelKind capability the examined model must have (None: every model)
 
     def load(self) -> Any:
         """The defense's module (its ``run``)."""
@@ -126,6 +132,9 @@ def _discover() -> dict[str, DefenseSpec]:
         spec = DefenseSpec(module=f"{__name__}.{path.stem}", **block)
         if spec.name != path.stem or spec.level not in LEVELS:
             raise ValueError(f"{path}: DEFENSE needs name {path.stem!r} (the module's) and a level of {LEVELS}")
+        if spec.needs is not None and spec.needs not in CAPABILITIES:
+            raise ValueError(f"{path}: DEFENSE's needs must be a model capability of {CAPABILITIES}, "
+                             f"got {spec.needs!r}")
         found[spec.name] = spec
     return found
 

@@ -271,13 +271,25 @@ class BlindspotPlan:
         """What a defense job reads of its config block: all but the keys that choose which jobs exist."""
         return without(self.config.get(name) or {}, DEFENSE_SELECTION_KEYS)
 
+    def defense_applies(self, name: str, dataset: str, run_dir: str) -> bool:
+        """Whether the model of a blindspot run has what the defense ``needs`` (a ModelKind capability such as
+        routing; a defense that needs nothing applies to every model)."""
+        needs = DEFENSES[name].needs
+        if needs is None:
+            return True
+        # blindspot_runs' directories are f"{RESULTS}/{dataset}/{model}/{attack}/seed{seed}"
+        model = run_dir[len(f"{RESULTS}/{dataset}/"):].split("/", 1)[0]
+        return bool(getattr(MODELS[self.config["models"][model]["arch"]], needs))
+
     def defense_applications(self, dataset: str) -> list[DefenseApplication]:
         """Every defense of the blindspot table on every model it examines at every precision; a defense that
-        removes backdoors rather than detecting them (``on_clean_models`` false) on the attacked models only."""
+        removes backdoors rather than detecting them (``on_clean_models`` false) on the attacked models only, one
+        that needs a model capability (``needs``) on the models that have it."""
         runs = self.blindspot_runs(dataset)
         return [DefenseApplication(name, run, attack, p)
                 for name in self.blindspot_defenses()
-                for run, attack in runs if attack != CLEAN or DEFENSES[name].on_clean_models
+                for run, attack in runs if (attack != CLEAN or DEFENSES[name].on_clean_models)
+                and self.defense_applies(name, dataset, run)
                 for p in self.defense_precisions(name)]
 
     def defense_triggers(self, wc: Any) -> dict[str, str]:
