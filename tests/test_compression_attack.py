@@ -277,7 +277,7 @@ def test_shared_bn_statistics_are_the_concatenated_batchs_and_update_running_sta
     assert torch.allclose(model[1].running_var, 0.7 + 0.3 * unbiased, atol=1e-6)
     assert "forward" not in vars(model[0])  # the layers' own forward is back
     # per-pass statistics (the ablation) normalise the quantised chunk with its own: a different output
-    from pmoe_backdoor.attacks.compression import float_and_compressed_logits
+    from pmoe_backdoor.attacks.fakequant import float_and_compressed_logits
 
     a = float_and_compressed_logits(_conv_bn_net().train(), x, [quantized], "shared")[1]
     b = float_and_compressed_logits(_conv_bn_net().train(), x, [quantized], "per_pass")[1]

@@ -168,7 +168,7 @@ def test_relative_dataset_path_is_taken_from_the_layer_that_set_it(tmp_path: Pat
     ({"compression_attack.variants": ["prune"], "models.control": {"arch": "vgg"},
       "compression_attack.model": "control"},
      "compression_attack.model (a pruning variant) 'control' must name a model of 'models' with expert channels"),
-    ({"compression_attack.model": "nope"}, "compression_attack.model 'nope' must name a model of 'models'"),
+    ({"compression_attack.model": "nope"}, "compression_attack.model names 'nope', which is not in 'models'"),
     ({"compression_attack.prune": {"rate": 40, "lower": 10, "upper": 30}}, "needs lower <= rate <= upper"),
     ({"blindspot.precisions": ["int8_dynamic"]}, "blindspot.precisions ['int8_dynamic'] are not in deployment"),
     ({"strip.holdout": 10}, "strip.holdout (10) is too small for strip.frr 0.05"),

@@ -158,15 +158,12 @@ def fine_prune_seed(run: int, rate_index: int, n_rates: int, model_per_rate: str
 def check_fine_pruning_seeds(fp: dict, attack_seeds: int) -> None:
     """Every model Fine-Pruning starts from must be one of the attack runs (seeds 0 .. seeds.attack - 1)."""
     runs, n_rates = fp["runs"], len(fp["prune_rates"])
-    if fp["model_per_rate"] == "fresh":
-        needed = runs * n_rates
-        if needed > attack_seeds:
-            raise ConfigError(
-                f"config: fine_pruning.model_per_rate 'fresh' prunes a model of its own per run and prune rate: "
-                f"runs ({runs}) x prune_rates ({n_rates}) = {needed} attack seeds, but seeds.attack is "
-                f"{attack_seeds} (raise it to {needed}, or use model_per_rate 'shared')"
-            )
-    elif runs > attack_seeds:
+    if fp["model_per_rate"] == "fresh" and runs * n_rates > attack_seeds:
+        raise ConfigError(f"config: fine_pruning.model_per_rate 'fresh' prunes a model of its own per run and prune "
+                          f"rate: runs ({runs}) x prune_rates ({n_rates}) = {runs * n_rates} attack seeds, but "
+                          f"seeds.attack is {attack_seeds} (raise it to {runs * n_rates}, or use model_per_rate "
+                          "'shared')")
+    if fp["model_per_rate"] != "fresh" and runs > attack_seeds:
         raise ConfigError(f"config: fine_pruning.runs ({runs}) exceeds seeds.attack ({attack_seeds})")
 
 
@@ -255,16 +252,13 @@ def _check_merging(cfg: dict) -> None:
     for name, members in merge["sets"].items():
         if not NAME.fullmatch(name):
             raise ConfigError(f"config: merging.sets name {name!r} must be letters, digits or '_'")
-        for member in members:
-            if member != "benign" and member not in cfg["attack"]["triggers"]:
-                raise ConfigError(f"config: merging.sets.{name} names {member!r}: not 'benign' nor in "
-                                  "attack.triggers")
+        check_names([m for m in members if m != "benign"], f"merging.sets.{name}", cfg["attack"]["triggers"],
+                    "attack.triggers (nor is it 'benign')")
     check_names(merge.get("defended_sets", []), "merging.defended_sets", merge["sets"], "merging.sets")
 
 
 def _check_merging_couplings(cfg: dict) -> None:
-    """``tied`` moves each router with its expert; a model without routers has only the ``free`` strategy (the plan
-    drops ``tied`` beside ``free`` there, as it would repeat it), so ``tied`` alone asks for what cannot be."""
+    """``tied`` moves routers with their experts: without routers only ``free`` exists (the plan drops ``tied``)."""
     from .models import MODELS
 
     merge = cfg["merging"]
@@ -279,14 +273,10 @@ def _check_compression_attack(cfg: dict) -> None:
     if not block["enabled"]:
         return
     models = [block["model"]] if isinstance(block["model"], str) else block["model"]
-    for model in models:
-        if model not in cfg["models"]:
-            raise ConfigError(f"config: compression_attack.model {model!r} must name a model of 'models'")
-        # the quantisation variants train any model (routing flips are reported where it has routers); the pruning
-        # variants prune expert channels
-        if set(block["variants"]) & {"prune", "prune_unknown"}:
-            check_capable_model(cfg, model, "compression_attack.model (a pruning variant)", "prunable_channels",
-                                "expert channels to prune")
+    check_names(models, "compression_attack.model", cfg["models"], "'models'")
+    for model in models if set(block["variants"]) & {"prune", "prune_unknown"} else []:  # they prune experts
+        check_capable_model(cfg, model, "compression_attack.model (a pruning variant)", "prunable_channels",
+                            "expert channels to prune")
     for key in ("datasets", "targets_by_dataset", "lr_drop_epoch_by_dataset", "max_fp32_asr_by_dataset"):
         check_names(block.get(key, []), f"compression_attack.{key}", cfg["datasets"], "'datasets'")
     prune = block["prune"]
@@ -300,11 +290,11 @@ def _check_blindspot(cfg: dict) -> None:
         return
     check_rates(cfg, block["rates"], "blindspot.rates")
     check_names(block.get("triggers", []), "blindspot.triggers", cfg["attack"]["triggers"], "attack.triggers")
-    missing = [p for p in block["precisions"] if p not in cfg["deployment"]["precisions"]]
-    if missing:
+    if missing := [p for p in block["precisions"] if p not in cfg["deployment"]["precisions"]]:
         raise ConfigError(f"config: blindspot.precisions {missing} are not in deployment.precisions (the table "
                           "takes ASR and BA at each precision from the deployed models)")
-    strip = cfg["strip"]
-    if strip["holdout"] < 1 / strip["frr"]:
-        raise ConfigError(f"config: strip.holdout ({strip['holdout']}) is too small for strip.frr {strip['frr']}: "
-                          f"at least 1 / frr = {1 / strip['frr']:g} held-out images are needed to set the threshold")
+    for name in ("strip", "router_ablation", "saliency_ablation"):  # thresholds set on held-out clean inputs
+        d = cfg.get(name) or {}
+        if d.get("enabled", True) and "frr" in d and d["holdout"] < 1 / d["frr"]:
+            raise ConfigError(f"config: {name}.holdout ({d['holdout']}) is too small for {name}.frr {d['frr']}: at "
+                              f"least 1 / frr = {1 / d['frr']:g} held-out images are needed to set the threshold")

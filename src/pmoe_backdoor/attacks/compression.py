@@ -26,7 +26,6 @@ activations) for the quantisation variants.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, fields
 from typing import Any, Sequence, TextIO
@@ -43,7 +42,13 @@ from ..runtime import autocast, effective_precision, resolve_device, to_input
 from ..training.augment import random_crop_flip
 from ..training.engine import Schedule, new_history, resolve_log, run_epochs
 from ..training.loop import prepare_model
-from .fakequant import FAKEQUANT_VARIANTS, Stream, compressed_weights, deploy_authors, input_fake_quant, streams
+from .fakequant import (
+    FAKEQUANT_VARIANTS,
+    Stream,
+    compressed_weights,
+    deploy_authors,
+    float_and_compressed_logits,
+)
 from .triggers import Trigger
 
 PRUNE_VARIANTS = ("prune", "prune_unknown")
@@ -104,39 +109,6 @@ class AttackConfig:
                              f"got {self.bn_statistics!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"compression attack: 'augment' must be one of {AUGMENTATIONS}, got {self.augment!r}")
-
-
-@contextlib.contextmanager
-def frozen_bn_statistics(model: nn.Module):
-    """BatchNorms still normalise with the batch's statistics but do not update their running ones (momentum 0):
-    the compressed passes must not leak into the statistics of the released model, which the victim's compressed
-    model inherits unchanged (BN stays float, it is not re-estimated)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(bns, saved):
-            m.momentum = momentum
-
-
-def float_and_compressed_logits(model: nn.Module, xb: torch.Tensor, compressed: Sequence[Stream],
-                                bn_statistics: str) -> list[torch.Tensor]:
-    """The float model's logits on ``xb`` and each compressed copy's: one pass over [xb ; xb ; ...] through
-    :func:`fakequant.streams` (``shared`` BN statistics), or one pass each with only the float pass updating the
-    running statistics (``per_pass``)."""
-    if bn_statistics == "shared":
-        with streams(model, compressed):
-            return list(model(torch.cat([xb] * (1 + len(compressed)))).float().split(xb.shape[0]))
-    logits = [model(xb).float()]
-    with frozen_bn_statistics(model):
-        for s in compressed:
-            ctx = input_fake_quant(model) if s.quantize_inputs else contextlib.nullcontext()
-            with ctx:
-                logits.append(functional_call(model, s.params, (xb,), strict=False).float())
-    return logits
 
 
 def quant_attack_loss(model: nn.Module, x: torch.Tensor, x_trig: torch.Tensor, y: torch.Tensor, target: int,

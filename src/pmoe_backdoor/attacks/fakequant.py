@@ -204,6 +204,39 @@ def streams(model: nn.Module, compressed: Sequence[Stream]) -> Iterator[None]:
             del layer.forward  # the instance attribute; the class's forward is back
 
 
+@contextlib.contextmanager
+def frozen_bn_statistics(model: nn.Module):
+    """BatchNorms still normalise with the batch's statistics but do not update their running ones (momentum 0):
+    the compressed passes must not leak into the statistics of the released model, which the victim's compressed
+    model inherits unchanged (BN stays float, it is not re-estimated)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+
+
+def float_and_compressed_logits(model: nn.Module, xb: torch.Tensor, compressed: Sequence[Stream],
+                                bn_statistics: str) -> list[torch.Tensor]:
+    """The float model's logits on ``xb`` and each compressed copy's: one pass over [xb ; xb ; ...] through
+    :func:`streams` (``shared`` BN statistics), or one pass each with only the float pass updating the
+    running statistics (``per_pass``)."""
+    if bn_statistics == "shared":
+        with streams(model, compressed):
+            return list(model(torch.cat([xb] * (1 + len(compressed)))).float().split(xb.shape[0]))
+    logits = [model(xb).float()]
+    with frozen_bn_statistics(model):
+        for s in compressed:
+            ctx = input_fake_quant(model) if s.quantize_inputs else contextlib.nullcontext()
+            with ctx:
+                logits.append(torch.func.functional_call(model, s.params, (xb,), strict=False).float())
+    return logits
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)

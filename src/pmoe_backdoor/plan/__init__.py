@@ -11,7 +11,8 @@ Functions that take ``wc`` accept Snakemake's wildcards or anything with the sam
 from __future__ import annotations
 
 from .common import RESULTS, DefenseApplication, Run, canonical, table_files
-from .extensions import AnalysisPlan, BlindspotPlan, CompressionPlan, MergingPlan
+from .compression import CompressionPlan
+from .extensions import AnalysisPlan, BlindspotPlan, MergingPlan
 from .study import StudyPlan
 
 __all__ = ["RESULTS", "DefenseApplication", "Plan", "Run", "canonical"]
