@@ -10,9 +10,11 @@ The 32x32 image is the pMoE's 8x8 grid of 4x4-pixel patches; position p is the p
 2. ``top_m`` + 1 occlusions: each suspect alone, then all of them together, each occluded patch filled with
    ``fill``: ``clean_patch`` (default) the same patch of a held-out clean image drawn at random (seeded; a held-out
    input never gets its own patches), ``mean`` the held-out images' mean colour (per channel);
-3. the input's score is the largest drop of p0 over those occlusions (0 if none lowers it), or 1.0 (above any
-   drop) when an occlusion changes the predicted label: removing a trigger flips a backdoored prediction, removing
-   four patches of a clean image rarely does.
+3. the input's score (``score: drop``, the default) is the largest drop of p0 over those occlusions (0 if none
+   lowers it): removing a trigger collapses a backdoored prediction's confidence. ``score: drop_or_flip`` scores
+   1.0 (above any drop) when an occlusion changes the predicted label; on a model near 50 % accuracy a third to a
+   half of the clean inputs change label under four occluded patches (measured on the CIFAR-10 controls), so the
+   1 - frr quantile of the clean scores is 1.0 and nothing can exceed it.
 
 An input is called triggered when its score exceeds the threshold, the empirical (linear interpolation) 1 - ``frr``
 quantile of the held-out clean inputs' scores, so a share ``frr`` of them is rejected (STRIP's protocol with its
@@ -42,6 +44,7 @@ from ..runtime import derived_seed, to_input
 from . import DefenseContext, DefenseResult
 
 POSITIONS = GRID * GRID
+SCORES = ("drop", "drop_or_flip")
 FILLS = ("clean_patch", "mean")
 # one split, fill draw and stream for both rankings, so that the two defenses are compared on the same images
 SEED_TAG = "patch_ablation"
@@ -100,11 +103,14 @@ class AblationScores:
 
 
 def ablation_scores(model: nn.Module, x: torch.Tensor, ranker: Ranker, fill: torch.Tensor, top_m: int,
-                    batch_size: int = 500, device: torch.device | None = None) -> AblationScores:
+                    batch_size: int = 500, device: torch.device | None = None, score: str = "drop"
+                    ) -> AblationScores:
     """The patch-ablation score of each input of ``x`` (uint8 N x 32 x 32 x 3); ``fill`` from :func:`fill_images`
     (one per input, or one for all). ``batch_size`` counts the images of one forward pass, occlusions included."""
     if not 1 <= top_m <= POSITIONS:
         raise ValueError(f"top_m must lie in [1, {POSITIONS}], got {top_m}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -126,7 +132,9 @@ def ablation_scores(model: nn.Module, x: torch.Tensor, ranker: Ranker, fill: tor
                 # an occlusion that raises p0 is no drop (nor is float rounding between batch shapes)
                 drop = (p0.gather(1, label[:, None]) - kept).amax(dim=1).clamp_min(0.0)
                 flipped = (p.argmax(dim=2) != label[:, None]).any(dim=1)
-                out["score"].append(torch.where(flipped, torch.ones_like(drop), drop).double().cpu())
+                if score == "drop_or_flip":
+                    drop = torch.where(flipped, torch.ones_like(drop), drop)
+                out["score"].append(drop.double().cpu())
                 out["predicted"].append(label.cpu())
                 out["purified"].append(p[:, -1].argmax(dim=1).cpu())
                 out["suspects"].append(suspects.cpu())
@@ -183,11 +191,13 @@ class AblationConfig:
     verdict_share: float = 0.5
     verdict_min_flags: int = 5
     batch_size: int = 500
+    score: str = "drop"
 
     @classmethod
     def from_block(cls, block: dict[str, Any]) -> "AblationConfig":
         return cls(int(block["top_m"]), block["fill"], float(block["frr"]), float(block["stream_trigger_share"]),
-                   float(block["verdict_share"]), int(block["verdict_min_flags"]), int(block["batch_size"]))
+                   float(block["verdict_share"]), int(block["verdict_min_flags"]), int(block["batch_size"]),
+                   block["score"])
 
 
 @dataclass
@@ -215,7 +225,7 @@ def patch_ablation_defense(model: nn.Module, ranker: Ranker, holdout: torch.Tens
 
     def scores(x: torch.Tensor, exclude_self: bool = False) -> AblationScores:
         fill = fill_images(cfg.fill, pool, len(x), gen, exclude_self)
-        return ablation_scores(model, x, ranker, fill, cfg.top_m, cfg.batch_size, device)
+        return ablation_scores(model, x, ranker, fill, cfg.top_m, cfg.batch_size, device, cfg.score)
 
     s_hold, s_clean = scores(holdout, exclude_self=True), scores(clean_test)
     threshold = ablation_threshold(s_hold.score, cfg.frr)
