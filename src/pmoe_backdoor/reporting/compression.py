@@ -46,7 +46,8 @@ COMPRESSIONS = [
 def row_sentence(r: dict) -> str:
     """What one row shows, in words, from its numbers."""
     fp32 = r["fp32_asr"]
-    compressed = {label: r[f"{key}_asr"] for key, label, _ in COMPRESSIONS if f"{key}_asr" in r}
+    names = {"trained_bits": f"the authors' {r.get('bits', 8)}-bit deployer"}
+    compressed = {names.get(key, label): r[f"{key}_asr"] for key, label, _ in COMPRESSIONS if f"{key}_asr" in r}
     compressed.update({f"FP {rate:g} %": r[f"fp{rate:g}_asr"] for rate in r.get("fp_rates", [])})
     active = [k for k, v in compressed.items() if v >= ACTIVE_ASR]
     if fp32 > QUIET_ASR:
