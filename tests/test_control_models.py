@@ -92,7 +92,10 @@ def test_every_stage_without_routers_runs_on_the_controls(attacked, name, tmp_pa
                "neural_cleanse": {"optimizer": {"epochs": 1, "batch_size": 16}, "schedule": "fast", "classes": 2,
                                   "images": 16},
                "fine_tuning": {"images": 64, "epochs": 1, "lr": 0.01, "batch_size": 32, "momentum": 0.9,
-                               "weight_decay": 0.0, "removal_asr": 20, "eval_batch_size": 64}}
+                               "weight_decay": 0.0, "removal_asr": 20, "eval_batch_size": 64},
+               # the router's test does not apply to a model without routers (the plan does not run it there)
+               "router_ablation": {"holdout": 20, "test_images": 30, "frr": 0.05},
+               "saliency_ablation": {"holdout": 20, "test_images": 30, "frr": 0.05}}
     assert set(configs) == set(DEFENSES)
     base = DefenseJob("strip", attacked["data"], attacked[name], "int8", run, {}, 16, 0,
                       {"square": attacked["trigger"]}, attacked["poison"])
@@ -100,3 +103,4 @@ def test_every_stage_without_routers_runs_on_the_controls(attacked, name, tmp_pa
         summary = defense_job(replace(base, defense=defense, config=config), str(tmp_path / f"{defense}.json"),
                               str(tmp_path / f"{defense}.safetensors"), "cpu")
         assert summary["model"] == name and summary["precision"] == "int8" and isinstance(summary["flagged"], bool)
+        assert summary.get("applicable", True) == (defense != "router_ablation")
