@@ -142,16 +142,6 @@ def input_fake_quant(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def fake_quant_forward(model: nn.Module, x: torch.Tensor, variant: str, bits: int = 8, fold_bn: bool = True,
-                       **kwargs):
-    """The model's forward with fake-quantised weights (and, ``matched``, activations); gradients reach the float
-    weights through the straight-through estimator. The model's own parameters are not changed."""
-    weights = compressed_weights(model, variant, bits, fold_bn)
-    ctx = input_fake_quant(model) if variant == "matched" else contextlib.nullcontext()
-    with ctx:
-        return torch.func.functional_call(model, weights, (x,), kwargs, strict=False)
-
-
 @dataclass
 class Stream:
     """One compressed copy of the model inside :func:`streams`: replacement parameters by name (``<layer>.weight``
