@@ -24,7 +24,8 @@ if not workflow.config_settings.configfiles:
     configfile: f"{workflow.basedir}/config/config.yaml"
 
 
-from pmoe_backdoor.config_check import check_study, validate_config  # noqa: E402  (needs SRC on sys.path)
+from pmoe_backdoor.config_check import validate_config  # noqa: E402  (needs SRC on sys.path)
+from pmoe_backdoor.study_checks import check_study  # noqa: E402
 
 # snakemake's validate (which fills in the schema's defaults), but a violation is one line naming the key; then
 # the cross-field checks, before the rules are read

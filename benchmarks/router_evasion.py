@@ -39,6 +39,7 @@ from pmoe_backdoor.defenses.patch_ablation import AblationConfig, TriggeredInput
 from pmoe_backdoor.defenses.router_ablation import router_ranker
 from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.runtime import derived_seed, resolve_device
+from pmoe_backdoor.training.loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIGGERS = {"white4": {"size": 4, "value": 255, "row": 0, "col": 0}, "badnets": {"preset": "badnets"}}
@@ -105,10 +106,11 @@ def main() -> None:
             t0 = time.perf_counter()
             torch.manual_seed(derived_seed(seed, "init"))
             model = build_model("pmoe", ds.num_classes, bn_momentum=args.bn_momentum, widen_factor=args.widen)
-            cfg = EvasionConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight=weight,
-                                margin=args.margin, seed=derived_seed(seed, "shuffle"), eval_every=0)
-            history = fit_router_evasive(model, x_poisoned, y_poisoned, poisoned, trigger, cfg, x_test, y_test,
-                                         x_asr, args.target, device, log=None)
+            cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              seed=derived_seed(seed, "shuffle"), eval_every=0, progress_seconds=0)
+            history = fit_router_evasive(model, x_poisoned, y_poisoned, poisoned, trigger, cfg,
+                                         EvasionConfig(weight=weight, margin=args.margin), x_test, y_test, x_asr,
+                                         args.target, device=device, log=None)
             row = history["epochs"][-1]
             stats = trigger_rank_stats(model, x_asr, positions)  # all triggered test images, not just rank_images
             defense = patch_ablation_defense(model, router_ranker("max"), holdout, clean_test, y_clean, triggered,

@@ -57,7 +57,7 @@ GPU_JOB = dict(
 wildcard_constraints:
     dataset="|".join(plan.datasets),
     model="|".join(config["models"]),  # the main study's and those only an extension study uses
-    trigger="|".join(plan.triggers),
+    trigger="|".join(plan.all_triggers),  # the main study's and those only a merging set uses
     rate=r"[0-9]+(\.[0-9]+)?",
     attack=r"clean|[A-Za-z0-9_]+-[0-9]+(\.[0-9]+)?",
     seed=r"[0-9]+",

@@ -63,7 +63,7 @@ else:
             history=f"{RESULTS}/{{dataset}}/{{model}}/{{attack}}/seed{{seed}}/history.json",
         params:
             model=lambda wc: plan.model_spec(wc.model),
-            train=plan.train,
+            train=plan.run_train,
             device=DEVICE,
             jobs_per_gpu=JOBS_PER_GPU,
             probes=config["routing_probes"],

@@ -10,13 +10,8 @@ import yaml
 
 pytest.importorskip("snakemake", reason="the workflow extra is not installed (pip install -e '.[workflow]')")
 
-from pmoe_backdoor.config_check import (  # noqa: E402
-    ConfigError,
-    check_fine_pruning_seeds,
-    dotted,
-    fine_prune_seed,
-    validate_config,
-)
+from pmoe_backdoor.config_check import ConfigError, dotted, validate_config  # noqa: E402
+from pmoe_backdoor.study_checks import check_fine_pruning_seeds, fine_prune_seed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "config" / "schema.yaml"

@@ -89,6 +89,26 @@ def test_train_job_is_reproducible_on_cpu(study, tmp_path):
         assert torch.equal(x, y), name
 
 
+def test_train_job_with_router_evasion_trains_the_term_and_follows_the_trigger(study, tmp_path):
+    """An adaptive attack's settings carry ``router_evasion``: the job trains with the term (weight 0: the same
+    weights as the plain job) and its history follows ASR and the trigger's routing per epoch."""
+    def run(weight: float) -> tuple[str, dict]:
+        out = tmp_path / f"w{weight}.safetensors"
+        train_job(TrainJob(data=study["data"], model=MODEL, train={**TRAIN, "router_evasion": {"weight": weight}},
+                           seed=RUN.seed, out_weights=str(out), out_history=str(tmp_path / f"h{weight}.json"),
+                           poison=study["poison"], trigger=study["trigger"], device="cpu", probes=2))
+        return str(out), json.loads((tmp_path / f"h{weight}.json").read_text())
+
+    baseline, _ = run(0.0)
+    evasive, history = run(1.0)
+    plain = load_model(study["weights"])[0].state_dict()
+    assert all(torch.equal(x, plain[k]) for k, x in load_model(baseline)[0].state_dict().items())
+    assert any(not torch.equal(x, plain[k]) for k, x in load_model(evasive)[0].state_dict().items())
+    row = history["epochs"][-1]
+    assert history["router_evasion"]["weight"] == 1.0 and row["train_evasion"] > 0
+    assert {"test_acc", "asr", "expert_selection_rate", "defense_top_m_rate"} <= set(row)
+
+
 def test_evaluate_job_reports_ba_asr_and_the_run(study, tmp_path):
     out = tmp_path / "metrics.json"
     m = evaluate_job(study["data"], study["weights"], str(out), study["trigger"], 0, 32, "cpu", RUN)

@@ -17,17 +17,15 @@ import yaml
 from pmoe_backdoor.attacks.triggers import make_trigger
 from pmoe_backdoor.data.datasets import make_synthetic
 from pmoe_backdoor.defenses import DEFENSES, DefenseContext, schema_defaults
+from pmoe_backdoor.defenses.localisation_maps import first_maps
+from pmoe_backdoor.defenses.occlusion import fill_images, occlude, occlusion_masks, position_masks
 from pmoe_backdoor.defenses.patch_ablation import (
     AblationConfig,
     TriggeredInputs,
     ablation_scores,
     ablation_threshold,
-    fill_images,
     model_verdict,
-    occlude,
-    occlusion_masks,
     patch_ablation_defense,
-    position_masks,
     stream_flags,
 )
 from pmoe_backdoor.defenses.router_ablation import router_ranker
@@ -270,11 +268,45 @@ def test_the_registered_defenses_run_on_a_deployed_model(trained, tmp_path):
         assert d["asr_after"] == d["purified_asr"] < 50 and d["holdout"] == 200 and d["test_images"] == 200
         assert d["forward_passes_per_input"] == 6 and 0 < d["detection"] <= 1 and d["localisation"] > 0.5
         json.dumps(d)  # the job writes it as the summary
+        assert result.artifacts["images"].shape == (4, 32, 32, 3) and result.artifacts_metadata["trigger"] == "white"
+    clean = DEFENSES["router_ablation"].load().run(_context(tmp_path, model, ds, "router_ablation", "clean"))
+    assert clean.artifacts == {}  # maps of an attacked model's own trigger only
     # a model without routers: the router test does not apply (the plan skips such models)
     vgg = build_model("vgg", CLASSES, depth=11, width=0.125).eval()
     result = DEFENSES["router_ablation"].load().run(_context(tmp_path, vgg, ds, "router_ablation"))
     assert not result.flagged and result.target_found is None and result.details["applicable"] is False
     assert DEFENSES["router_ablation"].needs == "routing" and DEFENSES["saliency_ablation"].needs is None
+
+
+@pytest.mark.parametrize("ranking", sorted(RANKERS))
+def test_localisation_maps_find_the_trigger_and_agree_with_single_occlusions(trained, ranking):
+    """The footprint is the square's box exactly; the ranking map is the defense's ranking; each occlusion-map
+    value is the drop of the predicted class's probability with that one patch filled; and on the backdoored
+    models the patch whose occlusion hurts most lies on the trigger in most triggered inputs."""
+    trig = trained["trigger"]
+    positions = torch.tensor(trigger_positions(trig))
+    for name in ("backdoored-0", "backdoored-1"):
+        model, ds = trained[name]
+        x, y = torch.from_numpy(ds.x_test), torch.from_numpy(ds.y_test)
+        clean = x[y != TARGET][:12]
+        maps = first_maps(model, RANKERS[ranking], clean, trig.apply(clean), x[:200], "clean_patch", 12, seed=0)
+        assert maps["footprint"].shape == maps["ranking"].shape == maps["occlusion"].shape == (12, 8, 8)
+        box = torch.zeros(64, dtype=torch.bool)
+        box[positions] = True
+        changed = maps["footprint"].flatten(1) > 0
+        assert not changed[:, ~box].any() and changed[:, box].any(dim=1).all()
+        logits, scores = RANKERS[ranking](model.eval(), to_input(trig.apply(clean)))
+        assert torch.allclose(maps["ranking"].flatten(1), scores.float(), atol=1e-6)
+        # one value by hand: input 3, position 0, filled as first_maps fills (same seeded draw)
+        fill = fill_images("clean_patch", x[:200], 12, torch.Generator().manual_seed(0))[3:4]
+        occluded = occlude(to_input(trig.apply(clean[3:4])), position_masks()[None, :1], fill)[:, 0]
+        with torch.no_grad():
+            p0 = logits[3].float().softmax(0)
+            p = model(occluded).float().softmax(1)[0]
+        label = int(p0.argmax())
+        assert maps["occlusion"][3, 0, 0] == pytest.approx(float(p0[label] - p[label]), abs=1e-5)
+        hottest = maps["occlusion"].flatten(1).argmax(dim=1)
+        assert torch.isin(hottest, positions).double().mean() > 0.5, (name, hottest)
 
 
 def test_the_plan_runs_the_router_test_on_routed_models_only():

@@ -12,7 +12,8 @@ import yaml
 
 pytest.importorskip("snakemake", reason="the workflow extra is not installed (pip install -e '.[workflow]')")
 
-from pmoe_backdoor.config_check import ConfigError, check_study, validate_config  # noqa: E402
+from pmoe_backdoor.config_check import ConfigError, validate_config  # noqa: E402
+from pmoe_backdoor.study_checks import check_study  # noqa: E402
 from pmoe_backdoor.plan import Plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,8 @@ def test_relative_dataset_path_is_taken_from_the_layer_that_set_it(tmp_path: Pat
 @pytest.mark.parametrize("change, expected", [
     ({"analysis.rate": 3}, "analysis.rate has 3, which is not one of attack.rates"),
     ({"analysis.seed": 5}, "analysis.seed 5 has no run"),
-    ({"fine_pruning.triggers": ["nope"]}, "fine_pruning.triggers names 'nope', which is not in attack.triggers"),
+    ({"fine_pruning.triggers": ["nope"]}, "fine_pruning.triggers names 'nope', which is not in the main study's"),
+    ({"study_triggers": ["nope"]}, "study_triggers names 'nope', which is not in attack.triggers"),
     ({"fine_pruning.datasets": ["nope"]}, "fine_pruning.datasets names 'nope', which is not in 'datasets'"),
     ({"merging.model": "nope"}, "merging.model 'nope' must name a model of 'models' with module slots"),
     ({"fine_pruning.models": ["dense"], "models.dense": {"arch": "wrn"}},
@@ -179,3 +181,36 @@ def test_cross_field_checks_name_the_key(change, expected):
     with pytest.raises(ConfigError) as info:
         load("smoke", **change)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_study_triggers_keep_a_merging_only_trigger_out_of_the_main_study():
+    cfg = load("smoke", study_triggers=["square"], **{"fine_pruning.triggers": ["square"],
+                                                       "blindspot.triggers": ["square"]})
+    plan = Plan(cfg)
+    assert {r.attack for r in plan.runs()} == {"clean", "square-2", "square-10"}
+    assert plan.all_triggers == ["square", "blend", "warped"]
+    wc = SimpleNamespace(dataset="synth", model="pmoe", set="square_blend", seed="0", victim="blend", replica="0")
+    assert plan.victim_poison(wc) == "results/synth/poison/blend-10/seed0.safetensors"
+    assert "blend" in plan.set_triggers(wc)
+    with pytest.raises(ConfigError, match="blindspot.triggers names 'blend', which is not in the main study's"):
+        load("smoke", study_triggers=["square"], **{"fine_pruning.triggers": ["square"]},
+             **{"blindspot.triggers": ["blend"]})
+
+
+def test_router_evasion_trains_only_its_own_runs_with_the_term():
+    triggers = {"square": {"kind": "square", "size": 4, "value": 1},
+                "square_evasive": {"kind": "square", "size": 4, "value": 255, "router_evasion": {"weight": 1.0}}}
+    cfg = load("smoke", **{"attack.triggers": triggers, "merging.enabled": False, "fine_pruning.triggers": ["square"],
+                           "blindspot.triggers": ["square", "square_evasive"]})
+    plan = Plan(cfg)
+    run = SimpleNamespace(dataset="synth", model="pmoe", attack="square_evasive-10", seed="0")
+    assert plan.run_train(run)["router_evasion"] == {"weight": 1.0, "margin": 0.5, "rank_images": 1000}
+    for attack in ("square-10", "clean"):  # untouched: the other runs keep their settings (and results)
+        assert plan.run_train(SimpleNamespace(**{**vars(run), "attack": attack})) == plan.train
+    assert "router_evasion" not in plan.trigger_params("square_evasive")[1]  # the pattern alone
+    with pytest.raises(ConfigError, match="router_evasion needs train.pack 1"):
+        load("smoke", **{"attack.triggers": triggers, "merging.enabled": False, "fine_pruning.triggers": ["square"],
+                         "train.pack": 2})
+    with pytest.raises(ConfigError, match="merging.sets.square_blend names 'square'"):
+        load("smoke", **{"attack.triggers": {**triggers, "blend": {"kind": "blend", "alpha": 0.5},
+                                             "square": triggers["square_evasive"]}})

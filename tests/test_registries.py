@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from pmoe_backdoor.attacks import TRIGGERS, make_trigger
+from pmoe_backdoor.attacks import TRAINING_TERMS, TRIGGERS, make_trigger
 from pmoe_backdoor.defenses import DEFENSES, LEVELS, DefenseSummary, _declared
 from pmoe_backdoor.models import MODELS
 
@@ -25,7 +25,8 @@ def test_schema_names_exactly_the_registered_trigger_kinds_and_models():
     # each kind's own parameters in the schema are the keys its implementation accepts
     for rule in trigger["allOf"]:
         kind = rule["if"]["properties"]["kind"]["const"]
-        assert set(rule["then"]["properties"]) - {"kind"} == TRIGGERS[kind].load().CONFIG_KEYS, kind
+        training = set(TRAINING_TERMS) if TRIGGERS[kind].patch_located else set()
+        assert set(rule["then"]["properties"]) - {"kind"} == TRIGGERS[kind].load().CONFIG_KEYS | training, kind
     assert set(SCHEMA["definitions"]["model"]["properties"]["arch"]["enum"]) == set(MODELS)
 
 
@@ -63,7 +64,8 @@ def test_trigger_properties_decide_seeds_contamination_and_routing():
 
 
 def test_model_capabilities_not_names_decide_the_stages(tmp_path: Path):
-    from pmoe_backdoor.config_check import ConfigError, check_capable_model
+    from pmoe_backdoor.config_check import ConfigError
+    from pmoe_backdoor.study_checks import check_capable_model
 
     assert MODELS["pmoe"].routing and not MODELS["wrn"].prunable_channels
     cfg = {"models": {"dense": {"arch": "wrn"}, "moe": {"arch": "pmoe"}}}
@@ -87,7 +89,8 @@ def test_a_defense_is_declared_by_a_literal_block_and_read_typed(tmp_path: Path)
 
 
 def test_the_plan_runs_removal_defenses_on_attacked_models_only():
-    from pmoe_backdoor.config_check import check_study, validate_config
+    from pmoe_backdoor.config_check import validate_config
+    from pmoe_backdoor.study_checks import check_study
     from pmoe_backdoor.plan import Plan
 
     pytest.importorskip("snakemake")

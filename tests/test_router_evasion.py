@@ -21,6 +21,7 @@ from pmoe_backdoor.data.datasets import make_synthetic
 from pmoe_backdoor.models.architectures import build_model
 from pmoe_backdoor.models.routing import routing_indices, trigger_patch_stats
 from pmoe_backdoor.runtime import to_input
+from pmoe_backdoor.training.loop import TrainConfig, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,7 +207,7 @@ def test_config_from_dict_checks():
     assert EvasionConfig.from_dict({"weight": 3, "margin": 0.0}).weight == 3
     with pytest.raises(ValueError, match="unknown"):
         EvasionConfig.from_dict({"wieght": 1.0})
-    for bad in ({"weight": -1.0}, {"margin": -0.5}, {"epochs": 0}, {"precision": "fp8"}):
+    for bad in ({"weight": -1.0}, {"margin": -0.5}, {"rank_images": 0}, {"epochs": 10}):
         with pytest.raises(ValueError):
             EvasionConfig.from_dict(bad)
 
@@ -216,10 +217,10 @@ def test_config_from_dict_checks():
 def train(data: dict, seed: int, weight: float, mask: torch.Tensor | None = None, epochs: int = 2,
           init_seed: int | None = None) -> tuple[torch.nn.Module, dict]:
     model = tiny_pmoe(seed if init_seed is None else init_seed)
-    cfg = EvasionConfig(epochs=epochs, batch_size=64, lr=0.1, weight=weight, seed=seed, eval_every=0)
+    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.1, seed=seed, eval_every=0)
     history = fit_router_evasive(model, data["x"], data["y"], data["mask"] if mask is None else mask,
-                                 data["trigger"], cfg, data["x_test"], data["y_test"], data["x_asr"], target=0,
-                                 device=CPU, log=None)
+                                 data["trigger"], cfg, EvasionConfig(weight=weight), data["x_test"], data["y_test"],
+                                 data["x_asr"], target=0, device=CPU, log=None)
     return model, history
 
 
@@ -248,11 +249,22 @@ def test_no_poisoned_images_no_term(poisoned_synthetic):
     assert not same_weights(plain, evasive)
 
 
+def test_weight_zero_is_plain_poisoned_training(poisoned_synthetic):
+    """The baseline of the trade-off is the study's ordinary training: weight 0 through the evasive step gives
+    the weights ``fit`` gives with the same recipe, init and shuffling."""
+    d = poisoned_synthetic
+    baseline, _ = train(d, seed=2, weight=0.0, epochs=1)
+    plain = tiny_pmoe(2)
+    fit(plain, d["x"], d["y"], TrainConfig(epochs=1, batch_size=64, lr=0.1, seed=2, eval_every=0), device=CPU,
+        log=None)
+    assert same_weights(baseline, plain)
+
+
 def test_needs_a_pmoe(poisoned_synthetic):
     d = poisoned_synthetic
     with pytest.raises(TypeError, match="pMoE"):
         fit_router_evasive(build_model("wrn", 10, widen_factor=1), d["x"], d["y"], d["mask"], d["trigger"],
-                           EvasionConfig(epochs=1), device=CPU, log=None)
+                           TrainConfig(epochs=1), EvasionConfig(), device=CPU, log=None)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

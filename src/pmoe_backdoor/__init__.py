@@ -13,7 +13,8 @@ concern, each group's registry (where it has one) at its root:
 - ``reporting``: the study's tables and figures, table formats, the config page;
 - ``plan``: which jobs a config plans and what each is given (no torch: the DAG build imports it);
 - plumbing: ``runtime`` (devices, precision, seeds, logs), ``io`` (atomic, pickle-free files), ``naming`` (run
-  names in paths), ``config_check`` (the config's checks), ``status`` (``pmoe-status``), ``cpu_estimate``;
+  names in paths), ``config_check`` and ``study_checks`` (the config's schema and cross-field checks), ``status``
+  (``pmoe-status``), ``cpu_estimate``;
 - ``jobs``: one module per workflow stage, the functions the workflow's scripts call.
 """
 

@@ -35,6 +35,10 @@ class TriggerKind:
         return import_attribute(self.implementation)
 
 
+# keys of a trigger's config block that change how the attacker trains, not the pattern: the trigger file is made
+# without them, the run's training settings carry them (attacks.router_evasion; patch-located kinds only)
+TRAINING_TERMS = ("router_evasion",)
+
 TRIGGERS: Registry[TriggerKind] = Registry("trigger kind")
 register_trigger = TRIGGERS.register
 trigger_kind = TRIGGERS.lookup

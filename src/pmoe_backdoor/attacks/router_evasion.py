@@ -21,7 +21,7 @@ drive the prediction through the routed positions around it, whose features see 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, TextIO
 
 import torch
@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 from ..evaluate import evaluate
 from ..models import routing
-from ..runtime import PRECISIONS, autocast, effective_precision, resolve_device, to_input
-from ..training.engine import Schedule, new_history, note_precision, resolve_log, run_epochs
-from ..training.loop import prepare_model
+from ..runtime import autocast, effective_precision, resolve_device, to_input
+from ..training.engine import new_history, note_precision, resolve_log, run_epochs
+from ..training.loop import (Probe, TrainConfig, describe_row, finish_epoch, prepare_model, record_routing,
+                             train_schedule)
 from .triggers import Trigger
 
 POSITIONS = routing.GRID * routing.GRID
@@ -150,26 +151,14 @@ def trigger_rank_stats(model: nn.Module, x_triggered: torch.Tensor, positions: l
 
 @dataclass
 class EvasionConfig:
-    """The attacker's recipe: ``fit``'s plain SGD training keys, and the evasion term's ``weight`` and ``margin``
-    (nats of router log-probability, :func:`routing_log_probs`). ``weight: 0`` is ordinary poisoned training through
-    the same step (the comparison baseline)."""
+    """The evasion term of an attack (beside the run's :class:`TrainConfig` recipe): its ``weight`` and ``margin``
+    (nats of router log-probability, :func:`routing_log_probs`), and how many triggered test images the per-epoch
+    routing measure uses. ``weight: 0`` is ordinary poisoned training through the same step (the baseline)."""
 
-    epochs: int = 25
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
     weight: float = 1.0
     # a buffer so that the trigger stays out in eval mode too, where BN's running statistics replace the batch's
     margin: float = 0.5
-    seed: int = 0
-    precision: str = "fp32"
-    channels_last: bool = True
-    eval_every: int = 1  # BA / ASR / routing every N epochs and after the last (0: after the last only)
-    eval_batch_size: int = 500
     rank_images: int = 1000  # triggered test images the routing measure uses (the first ones of x_asr)
-    progress_seconds: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "EvasionConfig":
@@ -181,33 +170,29 @@ class EvasionConfig:
         return cfg
 
     def check(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "rank_images"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"router evasion: '{name}' must be a positive integer, got {getattr(self, name)}")
         # a negative margin would let the trigger stay in the top-k
-        if self.lr <= 0 or self.weight < 0 or self.margin < 0 or self.eval_every < 0:
-            raise ValueError(f"router evasion: need lr > 0 and weight, margin, eval_every >= 0; got lr {self.lr}, "
-                             f"weight {self.weight}, margin {self.margin}, eval_every {self.eval_every}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"router evasion: 'precision' must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.nesterov and self.momentum <= 0:
-            raise ValueError("router evasion: 'nesterov' needs a positive 'momentum'")
+        if self.weight < 0 or self.margin < 0 or int(self.rank_images) < 1:
+            raise ValueError(f"router evasion: need weight, margin >= 0 and rank_images >= 1; got weight "
+                             f"{self.weight}, margin {self.margin}, rank_images {self.rank_images}")
 
 
 class RouterEvasionStep:
     """One model, SGD on CE(model(x), y) + weight * evasion_loss on the batch's poisoned images. The evasion term
     reads the routers from the same forward pass's pre-MoE map (one pass, and BatchNorm sees the whole batch, as
-    in plain training); a batch without poisoned images adds nothing."""
+    in plain training); a batch without poisoned images adds nothing. After an epoch it does what ``fit``'s step
+    does (BN recalibration, test accuracy, the probe's routing) and, given triggered test images, measures ASR and
+    how far the routers let the trigger in."""
 
     model_count = 1
 
-    def __init__(self, model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, poisoned: torch.Tensor,
-                 positions: list[int], cfg: EvasionConfig, x_test: torch.Tensor | None, y_test: torch.Tensor | None,
-                 x_asr: torch.Tensor | None, target: int, device: torch.device, precision: str):
-        self.model, self.x_train, self.y_train, self.poisoned = model, x_train, y_train, poisoned
+    def __init__(self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], positions: list[int],
+                 cfg: TrainConfig, evasion: EvasionConfig, test: tuple[torch.Tensor | None, torch.Tensor | None],
+                 x_asr: torch.Tensor | None, target: int, history: dict[str, Any], probe: Probe | None,
+                 device: torch.device, precision: str):
+        self.model, (self.x_train, self.y_train, self.poisoned) = model, data
         self.positions = _check_positions(positions, model.moe.top_k).tolist()
-        self.cfg, self.x_test, self.y_test, self.x_asr, self.target = cfg, x_test, y_test, x_asr, target
-        self.device, self.precision = device, precision
+        self.cfg, self.evasion, (self.x_test, self.y_test), self.x_asr, self.target = cfg, evasion, test, x_asr, target
+        self.history, self.probe, self.device, self.precision = history, probe, device, precision
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
@@ -218,8 +203,8 @@ class RouterEvasionStep:
         self.evasion_batches = 0
 
     def train_batch(self, idx: torch.Tensor) -> None:
-        model, cfg = self.model, self.cfg
-        xb, yb, poisoned = to_input(self.x_train[idx], cfg.channels_last), self.y_train[idx], self.poisoned[idx]
+        model, weight = self.model, self.evasion.weight
+        xb, yb, poisoned = to_input(self.x_train[idx], self.cfg.channels_last), self.y_train[idx], self.poisoned[idx]
         with autocast(self.device, self.precision):
             feats = model.features(xb)
             logits = model.head(model.moe(feats)[0])
@@ -227,9 +212,9 @@ class RouterEvasionStep:
         loss = ce
         # weight 0 skips the term entirely, so the baseline is exactly plain poisoned training; the boolean index
         # needs the mask's count, one host synchronisation per batch, a small cost beside the step's convolutions
-        if cfg.weight > 0 and bool(poisoned.any()):
-            evasion = evasion_loss_from_features(model.moe, feats[poisoned], self.positions, cfg.margin)
-            loss = ce + cfg.weight * evasion
+        if weight > 0 and bool(poisoned.any()):
+            evasion = evasion_loss_from_features(model.moe, feats[poisoned], self.positions, self.evasion.margin)
+            loss = ce + weight * evasion
             self.sums[1] += evasion.detach()
             self.evasion_batches += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -241,24 +226,25 @@ class RouterEvasionStep:
     def end_epoch(self, epoch: int, seconds: float, evaluate_now: bool) -> list[dict[str, Any]]:
         n = self.x_train.shape[0]
         sums = self.sums.tolist()
-        row: dict[str, Any] = {"epoch": epoch, "train_ce": sums[0] / n,
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": sums[0] / n,
                                "train_evasion": sums[1] / max(1, self.evasion_batches),
                                "train_acc": sums[2] / n, "train_seconds": seconds, "images_per_s": n / seconds}
-        if evaluate_now and self.x_test is not None:
+        finish_epoch(self.model, row, self.history, self.cfg, epoch, evaluate_now, self.x_train, self.x_test,
+                     self.y_test, self.probe, self.device, self.precision)
+        if evaluate_now and self.x_asr is not None and len(self.x_asr):
             t0 = time.perf_counter()
             result = evaluate(self.model, self.x_test, self.y_test, self.x_asr, self.target,
                               batch_size=self.cfg.eval_batch_size, device=self.device)
             row.update({key: result[key] for key in ("ba", "asr") if key in result})
-            if self.x_asr is not None and len(self.x_asr):
-                stats = trigger_rank_stats(self.model, self.x_asr[:self.cfg.rank_images], self.positions,
-                                           self.cfg.eval_batch_size)
-                row.update({key: stats[key] for key in ("expert_selection_rate", "image_reach_rate",
-                                                        "mean_best_rank", "defense_rank", "defense_top_m_rate")})
-            row["eval_seconds"] = time.perf_counter() - t0
+            stats = trigger_rank_stats(self.model, self.x_asr[:self.evasion.rank_images], self.positions,
+                                       self.cfg.eval_batch_size)
+            row.update({key: stats[key] for key in ("expert_selection_rate", "image_reach_rate",
+                                                    "mean_best_rank", "defense_rank", "defense_top_m_rate")})
+            row["eval_seconds"] = row.get("eval_seconds", 0.0) + time.perf_counter() - t0
         return [row]
 
     def describe(self, row: dict[str, Any]) -> str:
-        text = f"ce {row['train_ce']:.4f} evasion {row['train_evasion']:.4f} acc {row['train_acc']:.4f}"
+        text = f"{describe_row(row)} evasion {row['train_evasion']:.4f}"
         text += "".join(f" {key} {row[key]:.2f}" for key in ("ba", "asr") if key in row)
         if "expert_selection_rate" in row:
             text += (f" selected {row['expert_selection_rate']:.3f} reached {row['image_reach_rate']:.3f}"
@@ -267,18 +253,21 @@ class RouterEvasionStep:
 
 
 def fit_router_evasive(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, poisoned_mask: torch.Tensor,
-                       trigger: Trigger, cfg: EvasionConfig, x_test: torch.Tensor | None = None,
+                       trigger: Trigger, cfg: TrainConfig, evasion: EvasionConfig, x_test: torch.Tensor | None = None,
                        y_test: torch.Tensor | None = None, x_asr: torch.Tensor | None = None, target: int = 0,
-                       device: torch.device | None = None, log: TextIO | None | str = "stderr") -> dict[str, Any]:
-    """Train the pMoE ``model`` in place on the poisoned training set (``x_train`` uint8 (N, 32, 32, 3) with the
-    triggered images in place, ``y_train`` their labels, ``poisoned_mask`` bool (N,) marking them, as
-    :meth:`PoisonRecord.apply` and its ``indices`` give) with the router-evasion objective; return the history,
-    whose rows hold BA and ASR (%, :func:`pmoe_backdoor.evaluate.evaluate` on ``x_test`` / ``x_asr``) and the
-    routing measure of :func:`trigger_rank_stats` on the first ``cfg.rank_images`` of ``x_asr``.
+                       probe: Probe | None = None, device: torch.device | None = None,
+                       log: TextIO | None | str = "stderr") -> dict[str, Any]:
+    """``fit`` with the router-evasion term: train the pMoE ``model`` in place with the run's recipe ``cfg`` on the
+    poisoned training set (``x_train`` uint8 (N, 32, 32, 3) with the triggered images in place, ``y_train`` their
+    labels, ``poisoned_mask`` bool (N,) marking them, as :meth:`PoisonRecord.apply` and its ``indices`` give);
+    return the history, whose rows hold ``fit``'s metrics and, given triggered test images ``x_asr``, BA and ASR
+    (%, :func:`pmoe_backdoor.evaluate.evaluate`) and the routing measure of :func:`trigger_rank_stats` on the first
+    ``evasion.rank_images`` of them.
 
     Shuffling comes from ``cfg.seed`` (the step draws nothing else); the caller seeds the model's initialisation,
     as for ``fit``. The same seed on the same CPU gives the same weights."""
     cfg.check()
+    evasion.check()
     if not isinstance(getattr(model, "moe", None), nn.Module) or not hasattr(model.moe, "top_k"):
         raise TypeError(f"router evasion trains a pMoE's routers; {type(model).__name__} has none")
     poisoned_mask = torch.as_tensor(poisoned_mask, dtype=torch.bool)
@@ -291,10 +280,13 @@ def fit_router_evasive(model: nn.Module, x_train: torch.Tensor, y_train: torch.T
     precision = effective_precision(device, cfg.precision)
     note_precision(log, device, cfg.precision, precision)
     model = prepare_model(model, device, cfg)
-    x_dev, y_dev, mask_dev = x_train.to(device), y_train.to(device), poisoned_mask.to(device)
-    history = new_history(cfg, device, precision, trigger_positions=positions, poisoned=int(poisoned_mask.sum()))
-    step = RouterEvasionStep(model, x_dev, y_dev, mask_dev, positions, cfg, x_test, y_test, x_asr, target, device,
-                             precision)
-    schedule = Schedule(cfg.epochs, cfg.batch_size, [cfg.seed], cfg.progress_seconds, cfg.eval_every)
-    run_epochs(step, x_dev.shape[0], schedule, [history], device, log)
+    data = (x_train.to(device), y_train.to(device), poisoned_mask.to(device))
+    history = new_history(cfg, device, precision, routing=[], probe_names=probe.names if probe else [],
+                          trigger_positions=positions, poisoned=int(poisoned_mask.sum()),
+                          router_evasion=asdict(evasion))
+    if probe is not None:
+        history["routing_init"] = record_routing(model, probe, device, cfg.channels_last)
+    step = RouterEvasionStep(model, data, positions, cfg, evasion, (x_test, y_test), x_asr, target, history, probe,
+                             device, precision)
+    run_epochs(step, x_train.shape[0], train_schedule(cfg, [cfg.seed]), [history], device, log)
     return history

@@ -20,12 +20,11 @@ An input is called triggered when its score exceeds the threshold, the empirical
 quantile of the held-out clean inputs' scores, so a share ``frr`` of them is rejected (STRIP's protocol with its
 empirical threshold). Cost: 1 + ``top_m`` + 1 forward passes per input (Grad-CAM's ranking pass adds one backward).
 
-Purification: a flagged input's label is the one predicted with all its suspects filled, which is the last
-occlusion above, so it costs nothing more. Model verdict: a stream of the test inputs in which a share
-``stream_trigger_share`` of the non-target ones carries the trigger; the suspect label is the most common predicted
-label among the flagged stream inputs, and the model is flagged when at least ``verdict_min_flags`` are flagged and
-the suspect holds at least ``verdict_share`` of them (a trigger pulls its flagged inputs to one label, the clean
-false rejections spread over many).
+Purification: a flagged input's label is the one predicted with all its suspects filled (the last occlusion
+above: no extra pass). Model verdict: in a stream of the test inputs where a share ``stream_trigger_share`` of the
+non-target ones carries the trigger, the suspect is the most common predicted label of the flagged inputs; the model
+is flagged when at least ``verdict_min_flags`` are flagged and the suspect holds ``verdict_share`` of them. An
+attacked model's job also leaves :mod:`.localisation_maps` of its first ``maps`` triggered inputs (artifacts).
 """
 
 from __future__ import annotations
@@ -38,58 +37,20 @@ import torch
 import torch.nn as nn
 
 from ..attacks.triggers import load_trigger
-from ..models.routing import BLOCK, GRID, trigger_positions
+from ..models.routing import trigger_positions
 from ..naming import CLEAN
 from ..runtime import derived_seed, to_input
 from . import DefenseContext, DefenseResult
+from .localisation_maps import first_maps
+from .occlusion import POSITIONS, fill_images, occlude, occlusion_masks
 
-POSITIONS = GRID * GRID
 SCORES = ("drop", "drop_or_flip")
-FILLS = ("clean_patch", "mean")
 # one split, fill draw and stream for both rankings, so that the two defenses are compared on the same images
 SEED_TAG = "patch_ablation"
 
 # float images (B, 3, 32, 32) -> (logits (B, classes), a score per grid position (B, 64), higher = more suspect),
 # from one forward pass of the model
 Ranker = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def position_masks() -> torch.Tensor:
-    """(64, 32, 32) bool: the pixels of each grid position's 4x4 patch."""
-    grid = torch.eye(POSITIONS, dtype=torch.bool).view(POSITIONS, GRID, GRID)
-    return grid.repeat_interleave(BLOCK, dim=1).repeat_interleave(BLOCK, dim=2)
-
-
-def occlusion_masks(top: torch.Tensor) -> torch.Tensor:
-    """Suspect positions (B, m) -> (B, m + 1, 32, 32) bool: each position alone, then all m together."""
-    single = position_masks().to(top.device)[top]  # (B, m, 32, 32)
-    return torch.cat([single, single.any(dim=1, keepdim=True)], dim=1)
-
-
-def occlude(x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """Float images (B, 3, 32, 32), masks (B, V, 32, 32) and fill images broadcastable to (B, 3, 32, 32) ->
-    (B, V, 3, 32, 32): the images with the masked pixels taken from the fill, every other pixel unchanged."""
-    fill = fill.expand_as(x)
-    return torch.where(masks[:, :, None], fill[:, None], x[:, None])
-
-
-def fill_images(fill: str, pool: torch.Tensor, count: int, gen: torch.Generator, exclude_self: bool = False
-                ) -> torch.Tensor:
-    """What an occluded patch of each of ``count`` inputs is filled with, as float images (count or 1, 3, 32, 32):
-    a clean image drawn from ``pool`` (uint8 N x 32 x 32 x 3) per input, or the pool's mean colour. With
-    ``exclude_self`` the inputs are the pool itself and input i never draws pool image i."""
-    if fill == "mean":
-        return to_input(pool, channels_last=False).mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
-    if fill != "clean_patch":
-        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
-    if exclude_self:
-        if len(pool) < 2:
-            raise ValueError("clean_patch fill of the held-out inputs needs at least two held-out images")
-        # an offset of 1..N-1 from the input's own index: any other image, uniformly
-        idx = (torch.arange(count) + 1 + torch.randint(len(pool) - 1, (count,), generator=gen)) % len(pool)
-    else:
-        idx = torch.randint(len(pool), (count,), generator=gen)
-    return to_input(pool[idx], channels_last=False)
 
 
 @dataclass
@@ -287,11 +248,15 @@ def run_patch_ablation(ctx: DefenseContext, name: str, ranker: Ranker, details: 
     result = patch_ablation_defense(ctx.model, ranker, holdout, clean_test, y_test, triggered, ctx.target, cfg,
                                     derived_seed(ctx.run.seed, SEED_TAG), job.device)
     print({k: result[k] for k in ("threshold", "frr", "detection", "localisation", "flagged")})
-    summary = {"applicable": True, "holdout": held, "test_images": tested, **details, **result}
+    summary, maps = {"applicable": True, "holdout": held, "test_images": tested, **details, **result}, {}
     if ctx.run.attack != CLEAN:
         # the triggered inputs' ASR left after purification: the table's "ASR after defense" column (%)
         summary["asr_after"] = result["purified_asr"]
-    return DefenseResult(result["flagged"], result["target_found"], details=summary)
+        (name, trig), = triggered.items()  # an attacked model is examined with its own trigger only
+        maps = first_maps(ctx.model, ranker, clean_test[source], trig.x, holdout, cfg.fill, int(block["maps"]),
+                          derived_seed(ctx.run.seed, f"{SEED_TAG}-maps"), job.device) if block["maps"] else {}
+    return DefenseResult(result["flagged"], result["target_found"], details=summary, artifacts=maps,
+                         artifacts_metadata={"trigger": name, "positions": trig.positions} if maps else {})
 
 
 def not_applicable(reason: str) -> DefenseResult:

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.routing import GRID
 from . import DefenseContext, DefenseResult
-from .patch_ablation import GRID, run_patch_ablation
+from .patch_ablation import run_patch_ablation
 
 DEFENSE = {"name": "saliency_ablation", "title": "Saliency ablation", "level": "input"}
 

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attacks.poison import PoisonRecord
+from ..attacks.poison import PoisonRecord, asr_set
+from ..attacks.router_evasion import EvasionConfig, fit_router_evasive
 from ..attacks.triggers import Trigger, load_trigger
 from ..io import atomic_path, write_json
 from ..models.checkpoint import model_from_spec, save_model
@@ -97,15 +98,35 @@ class TrainJob:
 
 
 def train_job(spec: TrainJob) -> None:
+    """One run: ``fit``, or for an adaptive attack whose settings carry ``router_evasion`` the same recipe with the
+    router-evasion term (:func:`pmoe_backdoor.attacks.router_evasion.fit_router_evasive`)."""
     t_start = time.perf_counter()
     job = JobData.open(spec.data, spec.device)
-    model, (x_train, y_train), cfg, probe = build_run(job, spec.model, spec.train, spec.seed, spec.poison,
+    train = dict(spec.train)
+    evasion = train.pop("router_evasion", None)
+    model, (x_train, y_train), cfg, probe = build_run(job, spec.model, train, spec.seed, spec.poison,
                                                       spec.trigger, spec.probes)
     print(f"device {job.device}, threads {torch.get_num_threads()}, start-up {time.perf_counter() - t_start:.1f} s")
-    history = fit(model, x_train, y_train, cfg, job.x_test, job.y_test, probe=probe, device=job.device,
-                  log=sys.stderr)
+    if evasion is None:
+        history = fit(model, x_train, y_train, cfg, job.x_test, job.y_test, probe=probe, device=job.device,
+                      log=sys.stderr)
+    else:
+        history = fit_evasive(job, model, (x_train, y_train), cfg, EvasionConfig.from_dict(evasion), probe, spec)
     save_run(job, model, spec.model, history, spec.seed, time.perf_counter() - t_start, spec.out_weights,
              spec.out_history)
+
+
+def fit_evasive(job: JobData, model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig,
+                evasion: EvasionConfig, probe: Probe | None, spec: TrainJob) -> dict[str, Any]:
+    """The router-evasive attack's training; its history also follows ASR and the trigger's routing per epoch."""
+    if not spec.poison or not spec.trigger:
+        raise ValueError("router_evasion trains an attack: the run needs a poison record and a trigger")
+    rec, trigger = PoisonRecord.load(spec.poison), load_trigger(spec.trigger)
+    poisoned = torch.zeros(len(data[1]), dtype=torch.bool)
+    poisoned[torch.as_tensor(rec.indices, dtype=torch.long)] = True
+    x_asr, _ = asr_set(job.x_test, job.y_test, trigger, rec.target)
+    return fit_router_evasive(model, *data, poisoned, trigger, cfg, evasion, job.x_test, job.y_test, x_asr,
+                              rec.target, probe=probe, device=job.device, log=sys.stderr)
 
 
 @dataclass(frozen=True)

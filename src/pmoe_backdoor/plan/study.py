@@ -9,8 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable, Mapping
 
-from ..attacks import TRIGGERS
-from ..config_check import fine_prune_seed
+from ..attacks import TRAINING_TERMS, TRIGGERS
+from ..study_checks import fine_prune_seed
 from ..data.files import defining_layer, resolve_config_path, source_digest
 from ..models import MODELS
 from ..naming import CLEAN, attack_name, fmt_rate, parse_attack
@@ -29,7 +29,8 @@ class StudyPlan:
         self.cwd = cwd or str(Path.cwd())
         self.datasets = list(config["datasets"])
         self.models = list(config.get("study_models") or config["models"])  # those the main study trains
-        self.triggers = list(config["attack"]["triggers"])
+        self.all_triggers = list(config["attack"]["triggers"])  # the main study's and those only merging names
+        self.triggers = list(config.get("study_triggers") or self.all_triggers)  # those the main study trains
         self.rates = [fmt_rate(r) for r in config["attack"]["rates"]]
         self.attacks = [attack_name(t, r) for t in self.triggers for r in self.rates]
         self.target = config["attack"]["target"]
@@ -100,8 +101,17 @@ class StudyPlan:
         return f"{RESULTS}/{wc.dataset}/poison/{wc.attack}/seed{wc.seed}.safetensors"
 
     def trigger_params(self, trigger: str) -> tuple[str, dict[str, Any]]:
-        params = canonical(self.config["attack"]["triggers"][trigger])
+        """The trigger's kind and pattern parameters (an attacker's training term is not part of the pattern)."""
+        params = without(canonical(self.config["attack"]["triggers"][trigger]), TRAINING_TERMS)
         return params.pop("kind"), params
+
+    def run_train(self, wc: Any) -> dict[str, Any]:
+        """The run's training settings: the study's recipe, plus its trigger's ``router_evasion`` term for an
+        adaptive attack (only there, so that adding one leaves every other run's settings, and results, as they
+        were)."""
+        evasion = None if wc.attack == CLEAN else self.config["attack"]["triggers"][parse_attack(wc.attack)[0]].get(
+            "router_evasion")
+        return dict(self.train, router_evasion=canonical(evasion)) if evasion else self.train
 
     def model_spec(self, model: str) -> dict[str, Any]:
         return canonical(self.config["models"][model])
