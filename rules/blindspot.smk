@@ -35,3 +35,25 @@ rule blindspot_table:
         "../envs/pmoe.yaml"
     script:
         "../workflow/scripts/blindspot/blindspot_table.py"
+
+
+rule localisation_figure:
+    """The patch-ablation defenses' localisation maps: the trigger's footprint, the router and Grad-CAM rankings
+    and the single-patch occlusion effect for a few triggered inputs of each attacked model."""
+    input:
+        lambda wc: [path for entry in plan.localisation_entries(wc.dataset) for path in entry["maps"].values()],
+    output:
+        report(
+            f"{RESULTS}/figures/localisation_{{dataset}}.png",
+            caption="../reports/localisation_figure.rst",
+            category="Quantization blindspot",
+            subcategory="{dataset}",
+        ),
+    params:
+        entries=lambda wc: plan.localisation_entries(wc.dataset),
+    log:
+        f"{RESULTS}/logs/localisation_figure/{{dataset}}.log",
+    conda:
+        "../envs/pmoe.yaml"
+    script:
+        "../workflow/scripts/blindspot/localisation_figure.py"

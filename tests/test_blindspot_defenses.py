@@ -346,9 +346,18 @@ def test_blindspot_table_rates_and_claims(tmp_path):
     defenses[3] = write("nc_target.json", {**run("square-10", 1), "defense_name": "neural_cleanse",
                                            "precision": "int4", "flagged": False, "target": 0,
                                            "detected_target": False, "target_found": False})
+    # input-level summaries: the share of triggered inputs flagged, of clean ones rejected, of triggers localised
+    defenses += [write(f"ra_{s}.json", {**run("square-10", s), "defense_name": "router_ablation", "precision": "int4",
+                                        "flagged": True, "target_found": True, "detection": d, "frr": 0.01,
+                                        "localisation": loc, "asr_after": 10.0})
+                 for s, d, loc in ((0, 0.9, 1.0), (1, 0.7, 0.5))]
     out = [str(tmp_path / f"t.{e}") for e in ("csv", "md", "tex")]
     t = blindspot_table(defenses, deployed, fine_pruned, 20.0, "gtsrb", *out)
     rows = {(r["defense"], r["trigger"], r["precision"]): r for r in t.to_dict("records")}
+    ra = rows[("Router ablation", "square", "int4")]
+    assert (ra["inputs_detected_mean"], ra["frr_mean"], ra["localised_mean"]) == pytest.approx((80.0, 1.0, 75.0))
+    assert np.isnan(rows[("Spectral Signatures", "square", "int4")]["inputs_detected_mean"])  # not input-level
+    assert "| 80 | 1.0 | 75 |" in open(out[1]).read()
     ss = rows[("Spectral Signatures", "square", "int4")]
     assert ss["detected_mean"] == 100.0 and ss["target_found_mean"] == 50.0
     assert (ss["poison_recall_mean"], ss["random_removal_recall_mean"]) == (0.6, 0.15)  # in the CSV, not the page

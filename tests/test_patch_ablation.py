@@ -320,5 +320,47 @@ def test_the_plan_runs_the_router_test_on_routed_models_only():
     models = lambda d: {a.run_dir.split("/")[2] for a in apps if a.defense == d}  # noqa: E731
     assert models("router_ablation") == {"pmoe"}  # controls' study models: resnet and pmoe
     assert models("saliency_ablation") == models("strip") == {"resnet", "pmoe"}
+    entries = {e["model"]: e for e in Plan(cfg).localisation_entries("cifar10")}
+    assert entries["pmoe"]["maps"] == {d: f"results/cifar10/pmoe/badnets-10/seed0/{d}/fp32.safetensors"
+                                       for d in ("router_ablation", "saliency_ablation")}
+    assert list(entries["resnet"]["maps"]) == ["saliency_ablation"]
+    assert "results/figures/localisation_cifar10.png" in Plan(cfg).all_targets()
     cfg["router_ablation"]["enabled"] = False
     assert "router_ablation" not in {a.defense for a in Plan(cfg).defense_applications("cifar10")}
+    cfg["saliency_ablation"]["maps"] = 0
+    assert not Plan(cfg).localisation_entries("cifar10")
+    assert "results/figures/localisation_cifar10.png" not in Plan(cfg).all_targets()
+
+
+def test_localisation_figure_draws_a_row_per_input_and_blanks_a_missing_ranking(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from pmoe_backdoor.io import load_tensors, save_tensors
+    from pmoe_backdoor.reporting.localisation import COLUMNS, draw_localisation_figure, localisation_figure, load_maps
+
+    gen = torch.Generator().manual_seed(0)
+    def maps(n):  # noqa: E306
+        return {"images": torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=gen),
+                **{k: torch.rand(n, 8, 8, generator=gen) for k in ("footprint", "ranking", "occlusion")}}
+    for name, n in (("router", 3), ("saliency", 3), ("dense", 1), ("empty", 0)):
+        save_tensors(tmp_path / f"{name}.safetensors", maps(n) if n else {})
+    entries = [{"model": "pmoe", "trigger": "square", "rate": "10", "precision": "fp32",
+                "maps": {"router_ablation": str(tmp_path / "router.safetensors"),
+                         "saliency_ablation": str(tmp_path / "saliency.safetensors")}},
+               {"model": "resnet", "trigger": "square", "rate": "10", "precision": "fp32",
+                "maps": {"saliency_ablation": str(tmp_path / "dense.safetensors")}},
+               {"model": "vgg", "trigger": "blend", "rate": "10", "precision": "fp32",
+                "maps": {"saliency_ablation": str(tmp_path / "empty.safetensors")}}]
+    loaded = load_maps(entries[0])
+    assert np.array_equal(loaded["router_ablation"], load_tensors(tmp_path / "router.safetensors")[0]["ranking"])
+    assert set(load_maps(entries[1])) == {"images", "footprint", "occlusion", "saliency_ablation"}
+    fig = draw_localisation_figure(entries, inputs=2)  # 2 + 1 rows (the dense model's file maps one input)
+    axes = np.array(fig.axes).reshape(3, len(COLUMNS))
+    assert [ax.get_frame_on() for ax in axes[2]] == [True, True, False, True, True]  # no router column there
+    plt.close(fig)
+    out = tmp_path / "fig.png"
+    localisation_figure(entries, str(out), inputs=2)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no localisation maps"):
+        localisation_figure(entries[2:], str(tmp_path / "none.png"))
+    assert [c for c, _ in COLUMNS][2:4] == ["router_ablation", "saliency_ablation"]

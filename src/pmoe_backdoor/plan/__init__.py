@@ -75,7 +75,7 @@ class Plan(StudyPlan, AnalysisPlan, MergingPlan, CompressionPlan, BlindspotPlan)
             return []
         return [f for d in self.datasets for f in table_files(f"blindspot_{d}")] + [
             f"{RESULTS}/figures/blindspot_{d}.png" for d in self.datasets
-        ]
+        ] + [f"{RESULTS}/figures/localisation_{d}.png" for d in self.datasets if self.localisation_entries(d)]
 
     def all_targets(self) -> list[str]:
         targets = (self.report_targets() + self.analysis_targets() + self.beyond_targets() + self.merging_targets()

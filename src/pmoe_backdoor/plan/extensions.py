@@ -237,3 +237,25 @@ class BlindspotPlan:
             "fine_pruned": [t for t in self.deploy_targets(dataset) if "/fineprune/" in t],
         }
 
+
+    # defenses whose jobs leave localisation maps (the localisation figure's columns, in this order)
+    MAPPING_DEFENSES = ("router_ablation", "saliency_ablation")
+
+    def localisation_entries(self, dataset: str) -> list[dict[str, Any]]:
+        """The localisation figure's rows: per main-study model and blindspot trigger, its seed-0 model at the
+        highest blindspot rate at the first blindspot precision, with the map files of each mapping defense that
+        ran on it (empty when no mapping defense keeps maps)."""
+        if not self.blind["enabled"]:
+            return []
+        defenses = [d for d in self.MAPPING_DEFENSES if d in self.blindspot_defenses() and self.config[d]["maps"]]
+        rate, precision = max(self.blind["rates"], key=float), self.blind["precisions"][0]
+        entries = []
+        for model in self.models:
+            for trigger in self.blindspot_triggers():
+                run = f"{RESULTS}/{dataset}/{model}/{attack_name(trigger, rate)}/seed0"
+                maps = {d: f"{run}/{d}/{precision}.safetensors" for d in defenses
+                        if self.defense_applies(d, dataset, run) and precision in self.defense_precisions(d)}
+                if maps:
+                    entries.append({"model": model, "trigger": trigger, "rate": fmt_rate(rate),
+                                    "precision": precision, "maps": maps})
+        return entries

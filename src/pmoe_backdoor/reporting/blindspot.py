@@ -53,7 +53,11 @@ def _row(m: dict, defense: str, detected: bool, target_found: bool | None = None
             # data-level defenses: the recall of the samples they call poisoned; Spectral Signatures also that of
             # removing as many samples at random (its fraction removed)
             "poison_recall": m.get("poison_recall", np.nan), "random_removal_recall": m.get("random_removal_recall",
-                                                                                           np.nan)}
+                                                                                           np.nan),
+            # input-level defenses: the share of triggered test inputs flagged, of held-out-like clean inputs
+            # rejected, and (patch ablation) of triggered inputs whose top-ranked patch lies on the trigger
+            **{key: 100.0 * m[key] if m.get(key) is not None else np.nan
+               for key in ("detection", "frr", "localisation")}}
 
 
 def collect(defense_paths: Sequence[str], deployed_paths: Sequence[str], fine_pruned_paths: Sequence[str],
@@ -103,6 +107,7 @@ def summarise(df: pd.DataFrame, paper_name: str) -> pd.DataFrame:
                  asr_mean=g["asr"].mean() if "asr" in g else np.nan, asr_std=std(g["asr"]) if "asr" in g else np.nan,
                  ba_mean=g["ba"].mean() if "ba" in g else np.nan, ba_std=std(g["ba"]) if "ba" in g else np.nan,
                  asr_after_mean=g.asr_after.mean(), poison_recall_mean=g.poison_recall.mean(),
+                 inputs_detected_mean=g.detection.mean(), frr_mean=g.frr.mean(), localised_mean=g.localisation.mean(),
                  random_removal_recall_mean=g.random_removal_recall.mean())
         claim, det, asr_floor = paper_claim(r["defense"], r["precision"], paper_name)
         r["paper"] = claim if r["trigger"] != "clean" else ""
@@ -130,17 +135,23 @@ def blindspot_table(defense_paths: Sequence[str], deployed_paths: Sequence[str],
                          f"{len(fine_pruned_paths)} Fine-Pruning files is at the precisions {list(precisions or [])}")
     write_csv(summary, out_csv)
     header = ["Dataset", "Model", "Defense", "Trigger", "Rate %", "Precision", "Models", "Detected % (clean: FP %)",
-              "Target label flagged %", "ASR %", "BA %", "ASR after defense %", "Paper (Pandey & Ye)", "Agrees"]
+              "Target label flagged %", "Inputs flagged %", "FRR %", "Localised %", "ASR %", "BA %",
+              "ASR after defense %", "Paper (Pandey & Ye)", "Agrees"]
     body = [[r["dataset"], r["model"], r["defense"], r["trigger"], "–" if r["trigger"] == "clean" else f"{r['rate']:g}",
              PRECISION_NOTES.get(r["precision"], r["precision"]), str(r["models"]),
              pm(r["detected_mean"], r["detected_std"], 0), num(r["target_found_mean"], 0),
+             num(r["inputs_detected_mean"], 0), num(r["frr_mean"], 1), num(r["localised_mean"], 0),
              pm(r["asr_mean"], r["asr_std"]), pm(r["ba_mean"], r["ba_std"]), num(r["asr_after_mean"]),
              r["paper"] or "–", {True: "yes", False: "no"}.get(r["agrees"], "–")] for r in summary.to_dict("records")]
     title = (f"Quantization blindspot: each defense on the models as deployed; Detected %: share of attacked models "
              f"the defense flags (removal defenses - Fine-Pruning, fine-tuning - : ASR after them below "
              f"{fp_asr_level:g} %, fine-tuning by its own removal_asr), for clean models the false "
              "positives; Target label flagged %: share of attacked models whose flagged labels include the attack's "
-             "target (label-level defenses); ASR after defense: after a removal defense, and for the patch-ablation "
+             "target (label-level defenses); Inputs flagged % and FRR %: input-level defenses' share of triggered "
+             "test inputs flagged and of clean test inputs rejected at the threshold set on held-out clean inputs "
+             "(a clean model's triggered inputs carry the analysed triggers); Localised %: share of triggered inputs "
+             "whose top-ranked patch lies on the trigger (patch-located triggers); ASR after defense: after a "
+             "removal defense, and for the patch-ablation "
              "defenses (router- and saliency-guided) the ASR once each flagged input is purified; mean ± std over "
              "seeds; ASR and BA of the undefended model at that "
              f"precision; the paper's claim for {paper_name} (INT8 = dynamic quantization) and whether ours agrees. "
