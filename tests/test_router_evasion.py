@@ -9,6 +9,7 @@ import torch
 from pmoe_backdoor.attacks.poison import asr_set, make_poison
 from pmoe_backdoor.attacks.router_evasion import (
     EvasionConfig,
+    RouterEvasionStep,
     evasion_loss,
     evasion_loss_from_features,
     fit_router_evasive,
@@ -258,6 +259,23 @@ def test_weight_zero_is_plain_poisoned_training(poisoned_synthetic):
     fit(plain, d["x"], d["y"], TrainConfig(epochs=1, batch_size=64, lr=0.1, seed=2, eval_every=0), device=CPU,
         log=None)
     assert same_weights(baseline, plain)
+
+
+def test_the_step_trains_the_term_in_bf16_autocast(poisoned_synthetic):
+    """The study trains in bf16 autocast: the routers must read the pre-MoE map inside the autocast region (bf16
+    activations into fp32 router weights outside it fail), and the term must still move the routers."""
+    d = poisoned_synthetic
+    model = tiny_pmoe(0)
+    before = model.moe.router.weight.detach().clone()
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.1, seed=0, eval_every=0)
+    history = {"epochs": [], "routing": []}
+    step = RouterEvasionStep(model, (d["x"], d["y"], d["mask"]), trigger_positions(d["trigger"]), cfg,
+                             EvasionConfig(weight=1.0), (None, None), None, 0, history, None, CPU, "bf16")
+    step.start_epoch(1)
+    idx = torch.cat([torch.nonzero(d["mask"]).flatten()[:8], torch.nonzero(~d["mask"]).flatten()[:56]])
+    step.train_batch(idx)
+    row = step.end_epoch(1, 1.0, evaluate_now=False)[0]
+    assert row["train_evasion"] > 0 and not torch.equal(model.moe.router.weight, before)
 
 
 def test_needs_a_pmoe(poisoned_synthetic):

@@ -205,15 +205,17 @@ class RouterEvasionStep:
     def train_batch(self, idx: torch.Tensor) -> None:
         model, weight = self.model, self.evasion.weight
         xb, yb, poisoned = to_input(self.x_train[idx], self.cfg.channels_last), self.y_train[idx], self.poisoned[idx]
-        with autocast(self.device, self.precision):
-            feats = model.features(xb)
-            logits = model.head(model.moe(feats)[0])
-        ce = F.cross_entropy(logits.float(), yb)
-        loss = ce
         # weight 0 skips the term entirely, so the baseline is exactly plain poisoned training; the boolean index
         # needs the mask's count, one host synchronisation per batch, a small cost beside the step's convolutions
-        if weight > 0 and bool(poisoned.any()):
-            evasion = evasion_loss_from_features(model.moe, feats[poisoned], self.positions, self.evasion.margin)
+        evade = weight > 0 and bool(poisoned.any())
+        with autocast(self.device, self.precision):  # the routers read the map in the pass's own precision
+            feats = model.features(xb)
+            logits = model.head(model.moe(feats)[0])
+            evasion = evasion_loss_from_features(model.moe, feats[poisoned], self.positions,
+                                                 self.evasion.margin) if evade else None
+        ce = F.cross_entropy(logits.float(), yb)
+        loss = ce
+        if evasion is not None:
             loss = ce + weight * evasion
             self.sums[1] += evasion.detach()
             self.evasion_batches += 1
