@@ -1,5 +1,6 @@
 """Where a router-evasive backdoor's signal goes: on the trained pMoEs of a run directory, the routers' selections
-around the trigger and the ASR left when the patches around the trigger, or the trigger's own, are filled.
+around the trigger and the ASR left when the routers may not select the patches around the trigger, or the trigger's
+own, and when the trigger's pixels are filled.
 
     .venv/bin/python benchmarks/evasion_signal.py /work/runs/router_evasion --threads 1
 
@@ -9,12 +10,14 @@ weights, the trigger file and the data the workflow used, takes the non-target t
 - ``sel trig`` / ``sel ring``: the share of (image, expert) pairs whose top-k holds a trigger position / a position
   of the ring around it (the 8-neighbourhood of the trigger's positions on the 8x8 grid, minus the trigger's own),
   on triggered images; ``ring gain``: the ring's rate minus the same on the clean images;
-- ``ASR``: the share of triggered images predicted as the target; ``ring filled``: the same with every ring patch
-  filled from a clean image's (the trigger's pixels kept); ``trigger filled``: with the trigger's own patches filled.
+- ``ASR``: the share of triggered images predicted as the target; ``ring blocked`` / ``trigger blocked``: the same
+  when every router scores the ring's / the trigger's positions at -inf, so that no expert selects them (the image
+  and the trunk's features untouched: the experts take their next-best positions); ``trigger filled``: with the
+  trigger's own pixels replaced by a clean image's patch.
 
-A plain backdoor reads the trigger through the routed trigger patch; if the routers never select it (the evasive
-attack) yet filling the ring, which leaves the trigger's pixels in place, removes the backdoor, the signal reaches the
-experts through the neighbouring patches whose features see the trigger (the trunk's receptive field).
+A plain backdoor reads the trigger through the routed trigger patch (blocking it lowers the ASR); an evasive one
+whose routers never select the trigger but whose ASR falls when the ring is blocked carries the signal into the
+experts through the neighbouring patches, whose features see the trigger through the trunk's receptive field.
 """
 
 from __future__ import annotations
@@ -56,12 +59,26 @@ def selection(model, x: torch.Tensor, positions: list[int]) -> float:
 
 
 @torch.no_grad()
-def asr_with(model, x: torch.Tensor, target: int, filled: list[int], fill: torch.Tensor) -> float:
+def asr_with(model, x: torch.Tensor, target: int, fill: torch.Tensor, filled: list[int] = (),
+             blocked: list[int] = ()) -> float:
+    """ASR with the ``filled`` positions' pixels replaced and the ``blocked`` positions out of every router's
+    reach (their router scores set to -inf before the experts choose)."""
     xf = to_input(x)
     if filled:
-        mask = position_masks()[filled].any(dim=0)[None, None].expand(len(xf), 1, -1, -1)
+        mask = position_masks()[list(filled)].any(dim=0)[None, None].expand(len(xf), 1, -1, -1)
         xf = occlude(xf, mask, fill)[:, 0]
-    return 100.0 * float((model(xf).argmax(1) == target).double().mean())
+
+    def block(module, args, out):
+        out = out.clone()
+        out.flatten(2)[..., list(blocked)] = float("-inf")
+        return out
+
+    hook = model.moe.router.register_forward_hook(block) if blocked else None
+    try:
+        return 100.0 * float((model(xf).argmax(1) == target).double().mean())
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def main() -> None:
@@ -72,8 +89,8 @@ def main() -> None:
     args = p.parse_args()
     setup(args.threads, args.malloc)
     root = Path(args.workdir)
-    print(f"{'run':<40} {'sel trig':>8} {'sel ring':>8} {'ring gain':>9} {'ASR':>6} {'ring filled':>11} "
-          f"{'trigger filled':>14}")
+    print(f"{'run':<40} {'sel trig':>8} {'sel ring':>8} {'ring gain':>9} {'ASR':>6} {'ring blocked':>12} "
+          f"{'trigger blocked':>15} {'trigger filled':>14}")
     data: dict[str, JobData] = {}
     for run_dir in sorted(root.glob("results/*/*/*-*/seed*")):
         m = RUN.search(run_dir.relative_to(root).as_posix())
@@ -100,10 +117,12 @@ def main() -> None:
         fill = fill_images("clean_patch", job.x_test[job.y_test != target][args.images:], len(x_trig),
                            torch.Generator().manual_seed(0))
         sel_ring = selection(model, x_trig, around)
-        asr = [asr_with(model, x_trig, target, filled, fill) for filled in ([], around, positions)]
+        asr = [asr_with(model, x_trig, target, fill), asr_with(model, x_trig, target, fill, blocked=around),
+               asr_with(model, x_trig, target, fill, blocked=positions),
+               asr_with(model, x_trig, target, fill, filled=positions)]
         print(f"{run_dir.relative_to(root / 'results').as_posix():<40} {selection(model, x_trig, positions):>8.3f} "
-              f"{sel_ring:>8.3f} {sel_ring - selection(model, x_clean, around):>+9.3f} {asr[0]:>6.1f} {asr[1]:>11.1f} "
-              f"{asr[2]:>14.1f}", flush=True)
+              f"{sel_ring:>8.3f} {sel_ring - selection(model, x_clean, around):>+9.3f} {asr[0]:>6.1f} {asr[1]:>12.1f} "
+              f"{asr[2]:>15.1f} {asr[3]:>14.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,16 @@ def test_positions_tile_the_image_row_major():
     assert set(rows.tolist()) == set(cols.tolist()) == {12, 13, 14, 15}
 
 
+def test_dilated_masks_cover_the_neighbourhood_cut_at_the_border():
+    plain, dilated = position_masks(), position_masks(dilate=1)
+    # position 9 = (1, 1): the 3x3 block of patches at rows/cols 0-2, pixels 0..11 both ways
+    assert torch.equal(dilated[9], plain[[0, 1, 2, 8, 9, 10, 16, 17, 18]].any(0))
+    assert dilated[9].sum() == 9 * 16 and dilated[0].sum() == 4 * 16 and dilated[63].sum() == 4 * 16
+    assert dilated[27].sum() == 9 * 16 and torch.equal(position_masks(dilate=2)[0], plain[[0, 1, 2, 8, 9, 10, 16, 17,
+                                                                                             18]].any(0))
+    assert torch.equal(occlusion_masks(torch.tensor([[9]]), dilate=1)[0, 0], dilated[9])
+
+
 def test_occlusion_changes_only_the_chosen_patches():
     gen = torch.Generator().manual_seed(0)
     x, fill = torch.rand(2, 3, 32, 32, generator=gen), torch.rand(2, 3, 32, 32, generator=gen)
@@ -238,6 +248,38 @@ def test_triggered_inputs_are_localised_detected_and_purified(trained, name, ran
     assert white["purified_asr"] < white["asr"] - 40 and r["purified_ba"] >= r["ba"] - 2, r
     assert r["flagged"] and r["target_found"] and white["suspect"] == TARGET, r
     assert r["forward_passes_per_input"] == 1 + 4 + 1
+
+
+@pytest.mark.parametrize("name", ["backdoored-0", "backdoored-1"])
+def test_dilated_occlusion_reaches_a_trigger_next_to_the_ranked_patch(trained, name):
+    """The router-evasive attacker's routers pick the patches beside the trigger, not the trigger's own: with a
+    ranking that points one grid step left of the trigger, occluding the ranked patch alone leaves the backdoor,
+    occluding its neighbourhood removes it (dilate 2: this trigger spans 2x2 patches, which no 3x3 block around a
+    patch outside it covers)."""
+    model, ds = trained[name]
+    x, y = torch.from_numpy(ds.x_test), torch.from_numpy(ds.y_test)
+    test, y_test = x[200:], y[200:]
+    source = torch.nonzero(y_test != TARGET).flatten()
+    trig = trained["trigger"]
+    positions = trigger_positions(trig)
+    beside = min(positions) - 1  # left of the trigger's top-left patch, outside it
+    assert beside not in positions and beside // 8 == min(positions) // 8
+
+    def beside_ranker(m, xb):
+        scores = torch.zeros(len(xb), 64)
+        scores[:, beside] = 1.0
+        with torch.no_grad():
+            return m(xb), scores
+
+    triggered = {"white": TriggeredInputs(trig.apply(test[source]), source, positions)}
+    results = {dilate: patch_ablation_defense(model, beside_ranker, x[:200], test, y_test, triggered, TARGET,
+                                              AblationConfig(top_m=1, dilate=dilate), seed=0)
+               for dilate in (0, 2)}
+    plain, dilated = results[0]["triggers"]["white"], results[2]["triggers"]["white"]
+    assert plain["localisation"] == dilated["localisation"] == 0.0  # the ranked patch is never the trigger's
+    # purification fills the neighbourhood of flagged inputs only: the ASR falls by what detection reaches
+    assert dilated["purified_asr"] < plain["purified_asr"] - 30 and plain["purified_asr"] > 95, (plain, dilated)
+    assert results[2]["detection"] > results[0]["detection"] + 0.3 and results[2]["frr"] <= 0.05, results
 
 
 @pytest.mark.parametrize("ranking", sorted(RANKERS))

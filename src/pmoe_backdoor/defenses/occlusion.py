@@ -13,15 +13,20 @@ POSITIONS = GRID * GRID
 FILLS = ("clean_patch", "mean")
 
 
-def position_masks() -> torch.Tensor:
-    """(64, 32, 32) bool: the pixels of each grid position's 4x4 patch."""
-    grid = torch.eye(POSITIONS, dtype=torch.bool).view(POSITIONS, GRID, GRID)
+def position_masks(dilate: int = 0) -> torch.Tensor:
+    """(64, 32, 32) bool: the pixels of each grid position's 4x4 patch, with ``dilate`` > 0 also those of the
+    patches up to ``dilate`` grid steps away (rows and columns: a (2 dilate + 1)^2 block, cut at the border)."""
+    grid = torch.eye(POSITIONS, dtype=torch.bool).view(POSITIONS, 1, GRID, GRID).float()
+    if dilate:
+        grid = torch.nn.functional.max_pool2d(grid, 2 * dilate + 1, stride=1, padding=dilate)
+    grid = grid.bool().view(POSITIONS, GRID, GRID)
     return grid.repeat_interleave(BLOCK, dim=1).repeat_interleave(BLOCK, dim=2)
 
 
-def occlusion_masks(top: torch.Tensor) -> torch.Tensor:
-    """Suspect positions (B, m) -> (B, m + 1, 32, 32) bool: each position alone, then all m together."""
-    single = position_masks().to(top.device)[top]  # (B, m, 32, 32)
+def occlusion_masks(top: torch.Tensor, dilate: int = 0) -> torch.Tensor:
+    """Suspect positions (B, m) -> (B, m + 1, 32, 32) bool: each position alone, then all m together (each with
+    its neighbourhood when ``dilate`` > 0: a trigger the routers avoid sits next to the patches they pick)."""
+    single = position_masks(dilate).to(top.device)[top]  # (B, m, 32, 32)
     return torch.cat([single, single.any(dim=1, keepdim=True)], dim=1)
 
 

@@ -64,7 +64,7 @@ class AblationScores:
 
 
 def ablation_scores(model: nn.Module, x: torch.Tensor, ranker: Ranker, fill: torch.Tensor, top_m: int,
-                    batch_size: int = 500, device: torch.device | None = None, score: str = "drop"
+                    batch_size: int = 500, device: torch.device | None = None, score: str = "drop", dilate: int = 0
                     ) -> AblationScores:
     """The patch-ablation score of each input of ``x`` (uint8 N x 32 x 32 x 3); ``fill`` from :func:`fill_images`
     (one per input, or one for all). ``batch_size`` counts the images of one forward pass, occlusions included."""
@@ -86,7 +86,7 @@ def ablation_scores(model: nn.Module, x: torch.Tensor, ranker: Ranker, fill: tor
                 p0 = logits.float().softmax(dim=1)
                 label = p0.argmax(dim=1)
                 suspects = position_scores.topk(top_m, dim=1).indices
-                variants = occlude(xb, occlusion_masks(suspects), fb).flatten(0, 1)
+                variants = occlude(xb, occlusion_masks(suspects, dilate), fb).flatten(0, 1)
                 p = model(variants.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
                 p = p.view(len(xb), top_m + 1, -1)
                 kept = p.gather(2, label.view(-1, 1, 1).expand(-1, top_m + 1, 1)).squeeze(2)
@@ -153,12 +153,13 @@ class AblationConfig:
     verdict_min_flags: int = 5
     batch_size: int = 500
     score: str = "drop"
+    dilate: int = 0
 
     @classmethod
     def from_block(cls, block: dict[str, Any]) -> "AblationConfig":
         return cls(int(block["top_m"]), block["fill"], float(block["frr"]), float(block["stream_trigger_share"]),
                    float(block["verdict_share"]), int(block["verdict_min_flags"]), int(block["batch_size"]),
-                   block["score"])
+                   block["score"], int(block["dilate"]))
 
 
 @dataclass
@@ -186,7 +187,7 @@ def patch_ablation_defense(model: nn.Module, ranker: Ranker, holdout: torch.Tens
 
     def scores(x: torch.Tensor, exclude_self: bool = False) -> AblationScores:
         fill = fill_images(cfg.fill, pool, len(x), gen, exclude_self)
-        return ablation_scores(model, x, ranker, fill, cfg.top_m, cfg.batch_size, device, cfg.score)
+        return ablation_scores(model, x, ranker, fill, cfg.top_m, cfg.batch_size, device, cfg.score, cfg.dilate)
 
     s_hold, s_clean = scores(holdout, exclude_self=True), scores(clean_test)
     threshold = ablation_threshold(s_hold.score, cfg.frr)
