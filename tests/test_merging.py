@@ -476,8 +476,8 @@ def test_merging_plan_for_a_preact_resnet18():
     import yaml
 
     from pmoe_backdoor.config_check import ConfigError, validate_config
-    from pmoe_backdoor.study_checks import check_study
     from pmoe_backdoor.plan import Plan
+    from pmoe_backdoor.study_checks import check_study
 
     repo = Path(__file__).resolve().parents[1]
 

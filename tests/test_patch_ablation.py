@@ -378,7 +378,7 @@ def test_localisation_figure_draws_a_row_per_input_and_blanks_a_missing_ranking(
     import matplotlib.pyplot as plt
 
     from pmoe_backdoor.io import load_tensors, save_tensors
-    from pmoe_backdoor.reporting.localisation import COLUMNS, draw_localisation_figure, localisation_figure, load_maps
+    from pmoe_backdoor.reporting.localisation import COLUMNS, draw_localisation_figure, load_maps, localisation_figure
 
     gen = torch.Generator().manual_seed(0)
     def maps(n):  # noqa: E306

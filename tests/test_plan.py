@@ -13,8 +13,8 @@ import yaml
 pytest.importorskip("snakemake", reason="the workflow extra is not installed (pip install -e '.[workflow]')")
 
 from pmoe_backdoor.config_check import ConfigError, validate_config  # noqa: E402
-from pmoe_backdoor.study_checks import check_study  # noqa: E402
 from pmoe_backdoor.plan import Plan  # noqa: E402
+from pmoe_backdoor.study_checks import check_study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "config" / "schema.yaml"

@@ -90,8 +90,8 @@ def test_a_defense_is_declared_by_a_literal_block_and_read_typed(tmp_path: Path)
 
 def test_the_plan_runs_removal_defenses_on_attacked_models_only():
     from pmoe_backdoor.config_check import validate_config
-    from pmoe_backdoor.study_checks import check_study
     from pmoe_backdoor.plan import Plan
+    from pmoe_backdoor.study_checks import check_study
 
     pytest.importorskip("snakemake")
     cfg = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())

@@ -32,8 +32,15 @@ from ..evaluate import evaluate
 from ..models import routing
 from ..runtime import autocast, effective_precision, resolve_device, to_input
 from ..training.engine import new_history, note_precision, resolve_log, run_epochs
-from ..training.loop import (Probe, TrainConfig, describe_row, finish_epoch, prepare_model, record_routing,
-                             train_schedule)
+from ..training.loop import (
+    Probe,
+    TrainConfig,
+    describe_row,
+    finish_epoch,
+    prepare_model,
+    record_routing,
+    train_schedule,
+)
 from .triggers import Trigger
 
 POSITIONS = routing.GRID * routing.GRID

@@ -237,7 +237,6 @@ class BlindspotPlan:
             "fine_pruned": [t for t in self.deploy_targets(dataset) if "/fineprune/" in t],
         }
 
-
     # defenses whose jobs leave localisation maps (the localisation figure's columns, in this order)
     MAPPING_DEFENSES = ("router_ablation", "saliency_ablation")
 

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 from typing import Any, Iterable, Mapping
 
 from ..attacks import TRAINING_TERMS, TRIGGERS
-from ..study_checks import fine_prune_seed
 from ..data.files import defining_layer, resolve_config_path, source_digest
 from ..models import MODELS
 from ..naming import CLEAN, attack_name, fmt_rate, parse_attack
+from ..study_checks import fine_prune_seed
 from .common import FINETUNE_OVERRIDES, QUIET_FINETUNE_OVERRIDES, RESULTS, SOURCES_WITH_DATA, Run, canonical, without
 
 
