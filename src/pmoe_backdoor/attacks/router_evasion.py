@@ -270,8 +270,7 @@ def fit_router_evasive(model: nn.Module, x_train: torch.Tensor, y_train: torch.T
     poisoned training set (``x_train`` uint8 (N, 32, 32, 3) with the triggered images in place, ``y_train`` their
     labels, ``poisoned_mask`` bool (N,) marking them, as :meth:`PoisonRecord.apply` and its ``indices`` give);
     return the history, whose rows hold ``fit``'s metrics and, given triggered test images ``x_asr``, BA and ASR
-    (%, :func:`pmoe_backdoor.evaluate.evaluate`) and the routing measure of :func:`trigger_rank_stats` on the first
-    ``evasion.rank_images`` of them.
+    (%, :func:`pmoe_backdoor.evaluate.evaluate`) and :func:`trigger_rank_stats` on the first ``rank_images``.
 
     Shuffling comes from ``cfg.seed`` (the step draws nothing else); the caller seeds the model's initialisation,
     as for ``fit``. The same seed on the same CPU gives the same weights."""
