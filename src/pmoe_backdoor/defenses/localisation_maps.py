@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..models.routing import BLOCK, GRID
 from ..runtime import to_input
-from .occlusion import POSITIONS, fill_images, occlude, position_masks
+from .occlusion import POSITIONS, fill_images, occluded_probs, position_masks
 
 
 def patch_means(change: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,9 @@ def patch_means(change: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def localisation_maps(model: nn.Module, ranker, clean: torch.Tensor, triggered: torch.Tensor, fill: torch.Tensor,
                       device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The maps of each triggered input (uint8 (N, 32, 32, 3), made from ``clean``, the same images without the
-    trigger); ``fill`` as the defense fills (float, (N or 1, 3, 32, 32)). Returns the triggered ``images`` and
+    """The maps of each of a few triggered inputs (uint8 (N, 32, 32, 3), made from ``clean``, the same images without
+    the trigger; their 64 N occlusions go through one forward pass); ``fill`` as the defense fills (float, (N or 1,
+    3, 32, 32)). Returns the triggered ``images`` and
     the ``footprint``, ``ranking`` and ``occlusion`` maps (N, 8, 8), float32."""
     if clean.shape != triggered.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and triggered {tuple(triggered.shape)} images must match")
@@ -47,17 +48,13 @@ def localisation_maps(model: nn.Module, ranker, clean: torch.Tensor, triggered: 
             p0 = logits.float().softmax(dim=1)
             label = p0.argmax(dim=1)
             masks = position_masks().to(device).expand(len(x), POSITIONS, -1, -1)
-            drops = []
-            for i in range(len(x)):  # 64 occlusions of one input per pass
-                variants = occlude(x[i:i + 1], masks[i:i + 1], fill[min(i, len(fill) - 1)][None].to(device))[0]
-                p = model(variants.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
-                drops.append(p0[i, label[i]] - p[:, label[i]])
+            p = occluded_probs(model, x, masks, fill.to(device))  # (N, 64, classes): a few inputs, one pass
+            kept = p.gather(2, label.view(-1, 1, 1).expand(-1, POSITIONS, 1)).squeeze(2)
+            drops = p0.gather(1, label[:, None]) - kept
     finally:
         model.train(was_training)
     return {"images": triggered.cpu(), "footprint": footprint.float(),
-            "ranking": scores.float().view(-1, GRID, GRID).cpu(),
-            "occlusion": torch.stack(drops).float().view(-1, GRID, GRID).cpu() if drops
-            else torch.zeros(0, GRID, GRID)}
+            "ranking": scores.float().view(-1, GRID, GRID).cpu(), "occlusion": drops.view(-1, GRID, GRID).cpu()}
 
 
 def first_maps(model: nn.Module, ranker, clean: torch.Tensor, triggered: torch.Tensor, pool: torch.Tensor,

@@ -37,6 +37,14 @@ def occlude(x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.T
     return torch.where(masks[:, :, None], fill[:, None], x[:, None])
 
 
+def occluded_probs(model: torch.nn.Module, x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """The model's class probabilities (B, V, classes), fp32, for each of the V occlusions ``masks`` (B, V, 32, 32)
+    of each float image of ``x`` (B, 3, 32, 32), filled from ``fill`` (see :func:`occlude`); one forward pass."""
+    variants = occlude(x, masks, fill).flatten(0, 1)
+    p = model(variants.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
+    return p.view(masks.shape[0], masks.shape[1], -1)
+
+
 def fill_images(fill: str, pool: torch.Tensor, count: int, gen: torch.Generator, exclude_self: bool = False
                 ) -> torch.Tensor:
     """What an occluded patch of each of ``count`` inputs is filled with, as float images (count or 1, 3, 32, 32):

@@ -42,7 +42,7 @@ from ..naming import CLEAN
 from ..runtime import derived_seed, to_input
 from . import DefenseContext, DefenseResult
 from .localisation_maps import first_maps
-from .occlusion import POSITIONS, fill_images, occlude, occlusion_masks
+from .occlusion import POSITIONS, fill_images, occluded_probs, occlusion_masks
 
 SCORES = ("drop", "drop_or_flip")
 # one split, fill draw and stream for both rankings, so that the two defenses are compared on the same images
@@ -86,9 +86,7 @@ def ablation_scores(model: nn.Module, x: torch.Tensor, ranker: Ranker, fill: tor
                 p0 = logits.float().softmax(dim=1)
                 label = p0.argmax(dim=1)
                 suspects = position_scores.topk(top_m, dim=1).indices
-                variants = occlude(xb, occlusion_masks(suspects, dilate), fb).flatten(0, 1)
-                p = model(variants.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
-                p = p.view(len(xb), top_m + 1, -1)
+                p = occluded_probs(model, xb, occlusion_masks(suspects, dilate), fb)
                 kept = p.gather(2, label.view(-1, 1, 1).expand(-1, top_m + 1, 1)).squeeze(2)
                 # an occlusion that raises p0 is no drop (nor is float rounding between batch shapes)
                 drop = (p0.gather(1, label[:, None]) - kept).amax(dim=1).clamp_min(0.0)
